@@ -1,0 +1,417 @@
+//! Command-line definitions. Flags are documentation: the first `///` line is the short help,
+//! later paragraphs the long help; each option names its default and environment variable.
+//!
+//! Connection options are global (accepted before or after the subcommand) except `-i/--identity`,
+//! which each connecting subcommand declares itself because `vtun sync -i` means `--itemize`, as in
+//! rsync.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Reach VMs behind a TLS edge: ProxyCommand, exec, ssh, cp and sync over verified TLS.
+///
+/// A VM is `[user@]NAME`: a NAME without a dot becomes `NAME.<domain>` (default vm.vers.sh); a
+/// NAME with a dot is used as is. A remote path is `VM:PATH`; as with scp, a `/` before the first
+/// `:` makes an operand local.
+///
+/// Exit status: the remote command's status when there is one; 255 when vtun could not connect,
+/// authenticate, or lost the connection; 1 for other failures.
+#[derive(Debug, Parser)]
+#[command(name = "vtun", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every connecting subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Dial HOST:PORT instead of the VM's own name.
+    ///
+    /// SNI and certificate verification still use the VM's name, so this is safe for private
+    /// edges, tunnels and tests.
+    #[arg(long, global = true, env = "VTUN_CONNECT", value_name = "HOST:PORT")]
+    pub connect: Option<String>,
+
+    /// Also trust the CA certificates in this PEM file (repeatable).
+    ///
+    /// The edge is always verified against the public web roots; this adds roots for private
+    /// edges and the test bed.
+    #[arg(long, global = true, env = "VTUN_CA_FILE", value_name = "PEM")]
+    pub ca_file: Vec<PathBuf>,
+
+    /// Do not verify the edge's TLS certificate (dangerous; warns on every use).
+    #[arg(long, global = true, env = "VTUN_INSECURE")]
+    pub insecure: bool,
+
+    /// Domain appended to VM names without a dot [default: vm.vers.sh].
+    ///
+    /// When unset, VERS_URL=https://api.X selects vm.X, as the vers CLI does.
+    #[arg(long, global = true, env = "VTUN_DOMAIN", value_name = "NAME")]
+    pub domain: Option<String>,
+
+    /// TLS port of the edge.
+    #[arg(
+        long,
+        global = true,
+        env = "VTUN_PORT",
+        default_value_t = 443,
+        value_name = "N"
+    )]
+    pub port: u16,
+
+    /// Remote user name [default: root].
+    #[arg(
+        short = 'l',
+        long,
+        global = true,
+        env = "VTUN_USER",
+        value_name = "NAME"
+    )]
+    pub user: Option<String>,
+
+    /// Known-hosts file for host-key pinning [default: <config dir>/vtun/known_hosts].
+    #[arg(long, global = true, env = "VTUN_KNOWN_HOSTS", value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+
+    /// What to do with the VM's SSH host key.
+    ///
+    /// accept-new: pin unknown hosts on first use, refuse changed keys; yes: refuse unknown
+    /// hosts too; no: accept anything (not recommended).
+    #[arg(
+        long,
+        global = true,
+        env = "VTUN_HOST_KEY_CHECK",
+        value_enum,
+        default_value_t = HostKeyCheck::AcceptNew,
+        value_name = "POLICY"
+    )]
+    pub host_key_check: HostKeyCheck,
+
+    /// Give up connecting after SECS (never applies to a running session).
+    #[arg(
+        long,
+        global = true,
+        env = "VTUN_CONNECT_TIMEOUT",
+        default_value_t = 30.0,
+        value_name = "SECS"
+    )]
+    pub connect_timeout: f64,
+
+    /// Keep retrying for SECS while the VM is still booting (refused or reset connections).
+    #[arg(
+        long,
+        global = true,
+        env = "VTUN_WAIT",
+        default_value_t = 30.0,
+        value_name = "SECS"
+    )]
+    pub wait: f64,
+
+    /// More diagnostics on stderr (repeat for more; RUST_LOG also works).
+    #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short = 'q', long, global = true)]
+    pub quiet: bool,
+}
+
+/// `-i/--identity`, declared per subcommand (see the module docs).
+#[derive(Debug, Clone, Default, Args)]
+pub struct IdentityArgs {
+    /// Private key file to authenticate with (repeatable; tried first, in order).
+    ///
+    /// Then keys in ssh-agent (SSH_AUTH_SOCK), the key the vers CLI caches for the VM
+    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), and ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
+    #[arg(
+        short = 'i',
+        long,
+        env = "VTUN_IDENTITY",
+        value_name = "FILE",
+        value_delimiter = ':'
+    )]
+    pub identity: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HostKeyCheck {
+    /// Pin on first use, refuse a changed key.
+    AcceptNew,
+    /// Refuse unknown and changed keys.
+    Yes,
+    /// Accept any key (no protection against a man in the middle).
+    No,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// ProxyCommand: relay stdin/stdout over verified TLS to HOST (use as `vtun proxy %h`).
+    ///
+    /// Example: ssh -o ProxyCommand="vtun proxy %h" root@<vmId>.vm.vers.sh
+    ///
+    /// stdout carries only the stream; errors are one `vtun:` line on stderr and exit 255.
+    Proxy(ProxyArgs),
+    /// Interactive shell on a VM (PTY when stdin is a terminal), or run CMD like `ssh VM CMD`.
+    Ssh(SshArgs),
+    /// Run a command on a VM: stdout/stderr kept apart, stdin streamed, remote exit status.
+    ///
+    /// Each argument after `--` is quoted for the remote shell, so `vtun exec vm -- ls "a b"`
+    /// lists one file named `a b`. With `--sh`, a single argument is run as a shell line instead
+    /// (`vtun exec vm --sh 'cd /srv && ls | wc -l'`).
+    Exec(ExecArgs),
+    /// Copy files local→VM, VM→local or VM→VM, like scp but faster and atomic.
+    ///
+    /// Every file is written under a temporary name and renamed into place when complete, so a
+    /// failed copy never leaves a truncated file under the final name.
+    Cp(CpArgs),
+    /// Sync a tree like `rsync -a`: quick check, delta transfer, --delete, excludes.
+    ///
+    /// A trailing `/` on SRC means "the contents of SRC", as in rsync.
+    Sync(SyncArgs),
+    /// Measure the path to a VM: setup time, round trip, upload and download speed.
+    Bench(BenchArgs),
+    /// The server half: a TLS edge that routes connections by SNI to TCP backends.
+    Gateway(GatewayArgs),
+    /// Print an ssh_config block so plain ssh, scp and rsync reach VMs through vtun.
+    ///
+    /// Append it to ~/.ssh/config: vtun ssh-config >> ~/.ssh/config
+    SshConfig(SshConfigArgs),
+    /// Print shell completions for SHELL to stdout.
+    Completions(CompletionsArgs),
+    /// Remote helper for `vtun sync` (speaks a framed protocol on stdin/stdout).
+    #[command(hide = true)]
+    Agent,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Host to reach: a VM id, a full name, or NAME:PORT.
+    #[arg(value_name = "HOST")]
+    pub host: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Force a PTY even when stdin is not a terminal.
+    #[arg(short = 't', conflicts_with = "no_tty")]
+    pub tty: bool,
+    /// Never allocate a PTY.
+    #[arg(short = 'T')]
+    pub no_tty: bool,
+    /// The VM: [user@]NAME.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// Command to run instead of a login shell (joined with spaces, as ssh does).
+    #[arg(
+        value_name = "CMD",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Allocate a PTY (stdout and stderr are then merged, as with ssh -t).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Run the single argument as a shell command line instead of quoting each argument.
+    #[arg(long)]
+    pub sh: bool,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Run the command in this remote directory.
+    #[arg(long = "cd", value_name = "DIR")]
+    pub cd: Option<String>,
+    /// The VM: [user@]NAME.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    /// The command and its arguments (put them after `--`).
+    #[arg(value_name = "CMD", required = true, last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Copy directories recursively (symlinks inside are copied as links).
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// Preserve modification times (modes are always kept for new files).
+    #[arg(short = 'p', long)]
+    pub preserve: bool,
+    /// Continue an interrupted copy from its temporary partial file.
+    #[arg(long)]
+    pub resume: bool,
+    /// Parallel channels for large files and many small ones.
+    #[arg(long, default_value_t = 4, value_name = "N", env = "VTUN_PARALLEL")]
+    pub parallel: usize,
+    /// Print a JSON summary (files, bytes, seconds, MB/s) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Sources, then the destination (`VM:PATH` or a local path).
+    #[arg(value_name = "SRC… DST", num_args = 2.., required = true)]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Private key file to authenticate with (repeatable; `-i` means --itemize here).
+    #[arg(
+        long = "identity",
+        env = "VTUN_IDENTITY",
+        value_name = "FILE",
+        value_delimiter = ':'
+    )]
+    pub identity: Vec<PathBuf>,
+    /// Show what would change; change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Delete destination entries that are not in the source.
+    #[arg(long)]
+    pub delete: bool,
+    /// With --delete, also delete excluded destination entries.
+    #[arg(long)]
+    pub delete_excluded: bool,
+    /// Skip paths matching PATTERN (rsync rules; repeatable).
+    ///
+    /// A leading `/` anchors at the transfer root, a trailing `/` matches only directories, `*`
+    /// stays within a path segment, `**` crosses segments. Without a `/`, it matches a name at
+    /// any depth.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Read exclude patterns from FILE (one per line; `#` comments).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Compare content hashes instead of size and mtime.
+    #[arg(short = 'c', long)]
+    pub checksum: bool,
+    /// Compare sizes only.
+    #[arg(long, conflicts_with = "checksum")]
+    pub size_only: bool,
+    /// Print a line per change, rsync style (`>f+++++++++ path`).
+    #[arg(short = 'i', long)]
+    pub itemize: bool,
+    /// Never use the remote agent; copy whole files over SFTP.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Source tree (trailing `/`: its contents).
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// Destination directory.
+    #[arg(value_name = "DST")]
+    pub dst: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Bytes to move each way (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_name = "SIZE")]
+    pub size: String,
+    /// Parallel channels for the parallel run.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub parallel: usize,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The VM: [user@]NAME.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443", value_name = "ADDR")]
+    pub listen: String,
+    /// Route server names matching PATTERN to BACKEND host:port (repeatable; first match wins).
+    ///
+    /// PATTERN is an exact name or `*.suffix`, e.g. `--route '*.vm.test=127.0.0.1:22'`.
+    #[arg(long = "route", value_name = "PATTERN=BACKEND", required = true)]
+    pub routes: Vec<String>,
+    /// Certificate chain (PEM).
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "key",
+        conflicts_with = "self_signed"
+    )]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Create (once) a CA and a certificate for the route names in DIR and serve it.
+    ///
+    /// Clients trust it with --ca-file DIR/ca.pem.
+    #[arg(long, value_name = "DIR")]
+    pub self_signed: Option<PathBuf>,
+    /// Testing aid: add N ms of one-way delay in each direction (N*2 ms round trip).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub delay_ms: u64,
+    /// Testing aid: cut connections idle (no bytes either way) for SECS.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<f64>,
+    /// Print the listening address on stdout once ready (for scripts using port 0).
+    #[arg(long)]
+    pub print_addr: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    /// Host pattern for the block [default: *.<domain>].
+    #[arg(long, value_name = "PATTERN")]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// Parse the process arguments (exits with clap's usage error on bad input).
+pub fn parse() -> Cli {
+    Cli::parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sync_dash_i_is_itemize() {
+        let cli = Cli::try_parse_from(["vtun", "sync", "-i", "a/", "vm:b"]).unwrap();
+        match cli.command {
+            Command::Sync(s) => assert!(s.itemize),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_options_after_subcommand() {
+        let cli = Cli::try_parse_from(["vtun", "proxy", "h", "--connect", "127.0.0.1:1"]).unwrap();
+        assert_eq!(cli.global.connect.as_deref(), Some("127.0.0.1:1"));
+    }
+}

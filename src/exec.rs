@@ -1,0 +1,1 @@
+//! `vtun exec` and `vtun ssh`.

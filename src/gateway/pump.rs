@@ -1,0 +1,104 @@
+//! Relaying bytes between the client's TLS stream and the backend, both directions, with correct
+//! half-close and the testing aids (added one-way delay, idle cut).
+//!
+//! Delay is a queue, not a rate limit: each chunk is stamped when read and written no earlier
+//! than `delay` later, so a bulk transfer keeps its throughput and only its round trips grow.
+//! The queue is bounded so a slow reader still pushes back on a fast writer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const CHUNK: usize = 64 * 1024;
+/// Chunks in flight per direction when delaying (at most 64 MiB).
+const QUEUE: usize = 1024;
+
+/// Last time any byte moved, in milliseconds since `start`.
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Copy `r` to `w` until EOF, then shut down `w`'s write side. Returns the bytes moved.
+pub async fn pipe<R, W>(
+    mut r: R,
+    mut w: W,
+    delay: Duration,
+    activity: Arc<Activity>,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    if delay.is_zero() {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            activity.touch();
+            w.write_all(&buf[..n]).await?;
+            total += n as u64;
+        }
+    } else {
+        let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE);
+        let reader_activity = activity.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = match r.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                    Err(e) => return Err(e),
+                };
+                if n == 0 {
+                    return Ok(());
+                }
+                reader_activity.touch();
+                buf.truncate(n);
+                if tx.send((Instant::now(), buf)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        while let Some((stamp, chunk)) = rx.recv().await {
+            tokio::time::sleep_until((stamp + delay).into()).await;
+            w.write_all(&chunk).await?;
+            total += chunk.len() as u64;
+        }
+        reader
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
+    w.flush().await?;
+    w.shutdown().await?;
+    Ok(total)
+}

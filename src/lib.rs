@@ -1,0 +1,21 @@
+//! vtun: reach hosts behind a TLS-terminating, SNI-routing edge (Vers VMs at `<id>.vm.vers.sh:443`).
+//!
+//! The binary is a thin shell over this library: `cli` parses, `target` turns operands into typed
+//! hosts and paths, `tls` dials the edge, `ssh` runs SSH over that stream, and the subcommand
+//! modules (`proxy`, `exec`, `transfer`, `sync`, `gateway`) each take validated options.
+
+pub mod cli;
+pub mod error;
+pub mod exec;
+pub mod gateway;
+pub mod progress;
+pub mod proxy;
+pub mod remote;
+pub mod run;
+pub mod settings;
+pub mod ssh;
+pub mod sshconfig;
+pub mod sync;
+pub mod target;
+pub mod tls;
+pub mod transfer;

@@ -1,0 +1,1 @@
+//! `vtun sync`: plan, delta, agent.
