@@ -86,3 +86,26 @@ impl Opener for Subprocess {
         &self.name
     }
 }
+
+/// Connects to hosts: one [`Opener`] per host, shared by everything that talks to that host.
+pub trait Connector: Send + Sync {
+    fn connect<'a>(
+        &'a self,
+        host: &'a crate::target::Host,
+    ) -> BoxFuture<'a, Result<std::sync::Arc<dyn Opener>>>;
+}
+
+/// Every host is this machine, served by local processes (engine tests and benchmarks).
+pub struct LocalConnector;
+
+impl Connector for LocalConnector {
+    fn connect<'a>(
+        &'a self,
+        _host: &'a crate::target::Host,
+    ) -> BoxFuture<'a, Result<std::sync::Arc<dyn Opener>>> {
+        Box::pin(async move {
+            let s: std::sync::Arc<dyn Opener> = std::sync::Arc::new(Subprocess::new()?);
+            Ok(s)
+        })
+    }
+}
