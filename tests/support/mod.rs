@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use fault::{Fault, FaultRelay};
 
 pub const DOMAIN: &str = "vm.test";
@@ -447,7 +448,9 @@ impl TestBed {
     pub fn scp(&self) -> Command {
         let mut cmd = Command::new("scp");
         self.base_env(&mut cmd);
-        cmd.args(self.ssh_options().into_iter().filter(|a| a != "-l"));
+        let mut opts = self.ssh_options();
+        opts.truncate(opts.len() - 2); // scp has no -l: the user goes into the operand
+        cmd.args(opts);
         cmd
     }
 
@@ -577,4 +580,39 @@ pub fn hash(data: &[u8]) -> String {
 
 pub fn hash_file(path: &Path) -> String {
     hash(&std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())))
+}
+
+/// An extra `vtun gateway` process with explicit arguments (for certificate tests).
+pub struct GatewayProc {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl GatewayProc {
+    pub fn start(args: &[String]) -> GatewayProc {
+        let mut child = Command::new(vtun_bin())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args(["gateway", "--listen", "127.0.0.1:0", "--print-addr"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gateway");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("gateway address");
+        let addr = line.trim().parse().expect("gateway did not start");
+        GatewayProc { addr, child }
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
