@@ -58,13 +58,14 @@ async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
     let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(4);
     let writer = std::thread::spawn(move || stdout_writer(out_rx));
     let mut outcome = Ok(0);
+    // One reused read buffer; each chunk is copied out at its real size (a TLS record is at
+    // most 16 KiB, so zeroing a fresh 256 KiB buffer per read would cost more than the copy).
+    let mut buf = vec![0u8; BUF];
     loop {
-        let mut buf = vec![0u8; BUF];
         match rd.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => {
-                buf.truncate(n);
-                if out_tx.send(buf).await.is_err() {
+                if out_tx.send(buf[..n].to_vec()).await.is_err() {
                     break; // stdout is gone (the ssh client exited)
                 }
             }
@@ -90,13 +91,12 @@ async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
 
 fn stdin_reader(tx: mpsc::Sender<Vec<u8>>) {
     let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; BUF];
     loop {
-        let mut buf = vec![0u8; BUF];
         match stdin.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                buf.truncate(n);
-                if tx.blocking_send(buf).is_err() {
+                if tx.blocking_send(buf[..n].to_vec()).is_err() {
                     return;
                 }
             }
@@ -110,7 +110,11 @@ fn stdin_reader(tx: mpsc::Sender<Vec<u8>>) {
 }
 
 fn stdout_writer(mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut stdout = std::io::stdout().lock();
+    // Raw fd 1, unbuffered: std's stdout is line-buffered and would scan every chunk for '\n'.
+    // ManuallyDrop: the descriptor belongs to the process, not to this File.
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 1 is open for the life of the process and nothing else closes it.
+    let mut stdout = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
     while let Some(chunk) = rx.blocking_recv() {
         if stdout.write_all(&chunk).is_err() {
             return;
