@@ -132,8 +132,10 @@ impl Gateway {
         let down = pump::pipe(be_r, tls_w, self.delay, activity.clone());
         let both = async {
             let (u, d) = tokio::join!(up, down);
-            u.context("client → backend")?;
-            d.context("backend → client")?;
+            let up = u.context("client → backend")?;
+            let down = d.context("backend → client")?;
+            // Bytes on the wire per connection: the benchmarks read these lines.
+            tracing::info!(up, down, "closed");
             Ok::<_, anyhow::Error>(())
         };
         match self.idle_timeout {

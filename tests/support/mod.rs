@@ -412,13 +412,27 @@ impl TestBed {
         format!("{} proxy %h", vtun_bin().display())
     }
 
+    /// What users run today: `openssl s_client` as the ProxyCommand (pointed at the gateway).
+    pub fn openssl_proxy_command(&self) -> String {
+        format!(
+            "openssl s_client -connect {} -servername %h -quiet -CAfile {}",
+            self.gateway_addr,
+            self.ca_file.display()
+        )
+    }
+
     /// Options that make the OpenSSH clients use this bed and nothing of the user's.
     pub fn ssh_options(&self) -> Vec<String> {
+        self.ssh_options_with(&self.proxy_command())
+    }
+
+    /// [`TestBed::ssh_options`] with another ProxyCommand.
+    pub fn ssh_options_with(&self, proxy_command: &str) -> Vec<String> {
         vec![
             "-F".into(),
             "/dev/null".into(),
             "-o".into(),
-            format!("ProxyCommand={}", self.proxy_command()),
+            format!("ProxyCommand={proxy_command}"),
             "-o".into(),
             format!("UserKnownHostsFile={}", self.ssh_known_hosts.display()),
             "-o".into(),
