@@ -1,0 +1,202 @@
+//! `vtun sync` beside `rsync -a` and `rsync -az` (through the `openssl s_client` ProxyCommand) on
+//! the test bed, same run, at 0 ms and 20 ms RTT: first sync of a tree, a no-change re-sync, a
+//! re-sync after 1 file in 100 changed, and 8 bytes changed in the middle of one large file.
+//! Reports wall time and bytes on the wire (SSH stream bytes counted by the gateway), with ratios
+//! to `rsync -a`.
+//!
+//! Run: `cargo bench --bench sync`. Knobs: VTUN_BENCH_MB (tree size, default 1024),
+//! VTUN_BENCH_FILES (default 10000), VTUN_BENCH_BIG_MB (the single large file, default 1024),
+//! VTUN_BENCH_DELAYS (one-way ms, default "0,10").
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Sum of `up=… down=…` in gateway log lines after byte offset `from`.
+fn wire_bytes(bed: &TestBed, from: usize) -> u64 {
+    let log = bed.gateway_log();
+    let mut total = 0;
+    for line in log[from.min(log.len())..].lines() {
+        if !line.contains("closed") {
+            continue;
+        }
+        for field in line.split_whitespace() {
+            for key in ["up=", "down="] {
+                if let Some(v) = field.strip_prefix(key) {
+                    total += v.trim_end_matches(',').parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+fn measure(bed: &TestBed, mut cmd: Command, what: &str) -> (f64, u64) {
+    let mark = bed.gateway_log().len();
+    let start = Instant::now();
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gateway logs a connection's bytes when both directions have closed.
+    std::thread::sleep(Duration::from_millis(300));
+    (secs, wire_bytes(bed, mark))
+}
+
+fn make_tree(root: &Path, mb: usize, files: usize) {
+    let per = (mb << 20) / files.max(1);
+    for i in 0..files {
+        let d = root.join(format!("d{:03}", i % 100));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i:05}.dat")), random_bytes(per, i as u64)).unwrap();
+    }
+}
+
+/// Change 1 file in 100: overwrite 64 bytes in the middle (mtime changes too).
+fn touch_one_in_hundred(root: &Path, files: usize) {
+    for i in (0..files).step_by(100) {
+        let p = root
+            .join(format!("d{:03}", i % 100))
+            .join(format!("f{i:05}.dat"));
+        edit_middle(&p, &random_bytes(64, 999 + i as u64));
+    }
+}
+
+fn edit_middle(path: &Path, bytes: &[u8]) {
+    let len = std::fs::metadata(path).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(len / 2)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+fn main() {
+    let mb: usize = env_or("VTUN_BENCH_MB", "1024").parse().unwrap();
+    let files: usize = env_or("VTUN_BENCH_FILES", "10000").parse().unwrap();
+    let big_mb: usize = env_or("VTUN_BENCH_BIG_MB", "1024").parse().unwrap();
+    let delays: Vec<u64> = env_or("VTUN_BENCH_DELAYS", "0,10")
+        .split(',')
+        .map(|d| d.trim().parse().unwrap())
+        .collect();
+    println!(
+        "sync: tree of {mb} MiB in {files} files, and one {big_mb} MiB file; real sshd behind"
+    );
+    println!(
+        "vtun gateway on loopback; rsync uses ProxyCommand=openssl s_client; one run per cell"
+    );
+
+    let mut rows: Vec<(String, u64, String, f64, u64)> = Vec::new();
+    for &delay in &delays {
+        let bed = TestBed::builder().vm("a").delay_ms(delay).start();
+        let rtt = delay * 2;
+        let work = bed.dir("bench");
+        let tree = work.join("tree");
+        make_tree(&tree, mb, files);
+        let big_dir = work.join("big");
+        std::fs::create_dir_all(&big_dir).unwrap();
+        std::fs::write(big_dir.join("disk.img"), random_bytes(big_mb << 20, 77)).unwrap();
+
+        let rsh = {
+            let mut p = vec!["ssh".to_string()];
+            p.extend(
+                bed.ssh_options_with(&bed.openssl_proxy_command())
+                    .iter()
+                    .map(|o| {
+                        if o.contains(' ') {
+                            format!("'{o}'")
+                        } else {
+                            o.clone()
+                        }
+                    }),
+            );
+            p.join(" ")
+        };
+        let tools = ["vtun sync", "rsync -a", "rsync -az"];
+        let dest =
+            |tool: &str, what: &str| bed.dir(&format!("dst-{}-{what}", tool.replace(' ', "")));
+        let cmd_for = |tool: &str, src: &Path, dst: &Path| {
+            let mut c;
+            if tool == "vtun sync" {
+                c = bed.vtun();
+                c.arg("sync")
+                    .arg(format!("{}/", src.display()))
+                    .arg(format!("a:{}/", dst.display()));
+            } else {
+                c = Command::new("rsync");
+                c.arg(if tool.ends_with('z') { "-az" } else { "-a" })
+                    .arg("-e")
+                    .arg(&rsh)
+                    .arg(format!("{}/", src.display()))
+                    .arg(format!("a.vm.test:{}/", dst.display()));
+            }
+            c
+        };
+
+        // Tree: first sync, no-change re-sync, 1 in 100 changed.
+        for tool in tools {
+            let d = dest(tool, "tree");
+            let (s, b) = measure(&bed, cmd_for(tool, &tree, &d), tool);
+            rows.push(("first sync of the tree".into(), rtt, tool.into(), s, b));
+            let (s, b) = measure(&bed, cmd_for(tool, &tree, &d), tool);
+            rows.push(("no-change re-sync".into(), rtt, tool.into(), s, b));
+        }
+        touch_one_in_hundred(&tree, files);
+        for tool in tools {
+            let d = dest(tool, "tree");
+            let (s, b) = measure(&bed, cmd_for(tool, &tree, &d), tool);
+            rows.push(("1 file in 100 changed".into(), rtt, tool.into(), s, b));
+        }
+
+        // One big file with 8 bytes changed in the middle; destinations pre-staged identical.
+        for tool in tools {
+            let d = dest(tool, "big");
+            let st = Command::new("cp")
+                .args(["-p"])
+                .arg(big_dir.join("disk.img"))
+                .arg(&d)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        edit_middle(&big_dir.join("disk.img"), b"8 bytes!");
+        for tool in tools {
+            let d = dest(tool, "big");
+            let (s, b) = measure(&bed, cmd_for(tool, &big_dir, &d), tool);
+            rows.push((
+                format!("8 bytes changed in {big_mb} MiB"),
+                rtt,
+                tool.into(),
+                s,
+                b,
+            ));
+        }
+    }
+
+    println!();
+    println!("| case | RTT | tool | wall s | × rsync -a time | wire bytes | × rsync -a bytes |");
+    println!("|---|---:|---|---:|---:|---:|---:|");
+    for (case, rtt, tool, secs, bytes) in &rows {
+        let base = rows
+            .iter()
+            .find(|r| &r.0 == case && r.1 == *rtt && r.2 == "rsync -a")
+            .unwrap();
+        println!(
+            "| {case} | {rtt} ms | {tool} | {secs:.2} | {:.2} | {bytes} | {:.2} |",
+            secs / base.3,
+            *bytes as f64 / base.4.max(1) as f64
+        );
+    }
+}
