@@ -79,6 +79,13 @@ impl Vm {
         format!("{}.{}", self.name, DOMAIN)
     }
 
+    /// $HOME of sessions on this VM (sshd `SetEnv HOME=`), so shell startup files and caches
+    /// written by tests stay in the bed. sftp-server still starts in the account's real home:
+    /// tests use absolute paths.
+    pub fn home(&self) -> PathBuf {
+        self.dir.join("home")
+    }
+
     pub fn host_key_pub(&self) -> String {
         std::fs::read_to_string(self.dir.join("host_key.pub")).expect("host key")
     }
@@ -179,6 +186,7 @@ impl Builder {
             let dir = root.join("vms").join(name);
             std::fs::create_dir_all(&dir).expect("vm dir");
             keygen(&dir.join("host_key"), "ed25519");
+            std::fs::create_dir_all(dir.join("home")).expect("vm home");
             std::fs::write(dir.join("authorized_keys"), &authorized).expect("authorized_keys");
             let port = free_port();
             std::fs::write(dir.join("sshd_config"), sshd_config(&dir, port, &user))
@@ -302,6 +310,7 @@ fn sshd_config(dir: &Path, port: u16, user: &str) -> String {
          MaxStartups 200:30:400\n\
          MaxSessions 64\n\
          AcceptEnv VTUN_TEST_*\n\
+         SetEnv HOME={dir}/home\n\
          PrintMotd no\n\
          UseDNS no\n",
         dir = dir.display()
