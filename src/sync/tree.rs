@@ -134,7 +134,7 @@ impl Entry {
 }
 
 /// What a listing request asks for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListOpts {
     /// The subtree to list (it is listed itself, then its contents).
     pub start: RelPath,
@@ -143,7 +143,7 @@ pub struct ListOpts {
 }
 
 /// A listing: whether the root exists, and the entries in pre-order (parents first).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listing {
     pub root_exists: bool,
     pub entries: Vec<Entry>,
