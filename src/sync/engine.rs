@@ -49,6 +49,7 @@ pub async fn run(
         start: o.start.clone(),
         hashes,
         excludes: o.excludes.clone(),
+        clean_temps: false,
     };
     let dst_opts = ListOpts {
         start: o.start.clone(),
@@ -59,6 +60,7 @@ pub async fn run(
         } else {
             o.excludes.clone()
         },
+        clean_temps: !o.dry_run,
     };
     let (sl, dl) = futures::try_join!(src.list(src_opts), dst.list(dst_opts))?;
     let Some(top) = sl.entries.first() else {

@@ -124,13 +124,14 @@ fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()>
         f.read_to_end(&mut data)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let hash = *blake3::hash(&data).as_bytes();
+        let data_len = data.len() as u64;
         let d = delta::diff(sig, &data)?;
         let (is_delta, body) = if delta::pays(d.len(), data.len() as u64) {
             (true, d)
         } else {
             (false, data)
         };
-        put(start(is_delta, body.len() as u64))?;
+        put(start(is_delta, data_len))?;
         for c in body.chunks(CHUNK) {
             put(Piece::Data(c.to_vec()))?;
         }

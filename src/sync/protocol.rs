@@ -199,6 +199,7 @@ impl Msg {
             Msg::List(o) => {
                 e.path(&o.start);
                 e.u8(o.hashes as u8);
+                e.u8(o.clean_temps as u8);
                 e.u32(o.excludes.len() as u32);
                 o.excludes.iter().for_each(|x| e.str(x));
                 2
@@ -341,12 +342,14 @@ impl Msg {
             2 => {
                 let start = d.path()?;
                 let hashes = d.bool()?;
+                let clean_temps = d.bool()?;
                 let n = d.count(8)?;
                 let excludes = (0..n).map(|_| d.str()).collect::<Result<_>>()?;
                 Msg::List(ListOpts {
                     start,
                     hashes,
                     excludes,
+                    clean_temps,
                 })
             }
             3 => {
@@ -538,6 +541,7 @@ mod tests {
             start: p.clone(),
             hashes: true,
             excludes: vec!["*.o".into()],
+            clean_temps: true,
         }));
         rt(Msg::Signatures(vec![p.clone(), RelPath::root()]));
         rt(Msg::Send(vec![SendReq {

@@ -140,6 +140,8 @@ pub struct ListOpts {
     pub start: RelPath,
     pub hashes: bool,
     pub excludes: Vec<String>,
+    /// Remove `.vtun-tmp.*` files left by an interrupted sync (destination side, not dry run).
+    pub clean_temps: bool,
 }
 
 /// A listing: whether the root exists, and the entries in pre-order (parents first).
@@ -223,6 +225,13 @@ fn visit(
             continue;
         };
         if is_temp_name(name) {
+            if opts.clean_temps && !item.file_type().is_ok_and(|t| t.is_dir()) {
+                let p = path.join(name);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => tracing::debug!("removed stale {}", p.display()),
+                    Err(e) => tracing::warn!("cannot remove stale {}: {e}", p.display()),
+                }
+            }
             continue;
         }
         children.push(name.to_string());
@@ -344,11 +353,13 @@ mod tests {
                 start: RelPath::parse("a").unwrap(),
                 hashes: true,
                 excludes: vec!["*.o".into()],
+                clean_temps: true,
             },
         )
         .unwrap();
         let names: Vec<_> = l.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(names, ["a", "a/f", "a/l", "a/sub"]);
+        assert!(!d.path().join("a/.vtun-tmp.f.123").exists());
         assert_eq!(l.entries[1].kind, Kind::File { size: 2 });
         assert_eq!(l.entries[1].hash, Some(*blake3::hash(b"hi").as_bytes()));
         assert_eq!(
