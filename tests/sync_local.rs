@@ -532,3 +532,20 @@ fn crafted_listing_with_dotdot_is_refused() {
         assert!(format!("{err:#}").contains("unsafe path"), "{err:#}");
     });
 }
+
+#[test]
+fn checksum_catches_same_size_same_mtime_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("f"), b"aaaa");
+    set_mtime(&src.join("f"), 1_200_000_000);
+    let (s, d) = (slash(&src), remote(&dst));
+    sync(&[&s, &d]);
+    // Same size, same mtime, different content: the quick check cannot see it.
+    write(&dst.join("f"), b"bbbb");
+    set_mtime(&dst.join("f"), 1_200_000_000);
+    assert_eq!(sync(&["-i", &s, &d]), Vec::<String>::new());
+    assert_eq!(sync(&["-i", "--size-only", &s, &d]), Vec::<String>::new());
+    assert_eq!(sync(&["-i", "-c", &s, &d]), [">fc........ f"]);
+    assert_eq!(std::fs::read(dst.join("f")).unwrap(), b"aaaa");
+}

@@ -7,9 +7,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
-use super::endpoint::{Endpoint, Op, RecvReport, SendReq};
+use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
 use super::plan::{itemize, plan, Action, PlanOpts};
 use super::tree::{Kind, ListOpts, RelPath};
+
+/// Files per signature request: bounds memory for signatures of a huge tree.
+const UPDATE_BATCH: usize = 1000;
 
 #[derive(Debug, Clone, Default)]
 pub struct EngineOpts {
@@ -113,43 +116,62 @@ pub async fn run(
         })
         .collect();
     if !transfers.is_empty() {
-        let updates: Vec<RelPath> = transfers
-            .iter()
-            .filter(|(_, u)| *u)
-            .map(|(p, _)| (*p).clone())
-            .collect();
-        let mut sigs = if updates.is_empty() {
-            Vec::new()
-        } else {
-            dst.signatures(updates).await?
+        // New files need no signatures and go in the first batch; updates go in batches so
+        // signatures for a huge tree are never all in memory at once.
+        let (updates, fresh): (Vec<_>, Vec<_>) = transfers.iter().partition(|(_, u)| *u);
+        let mut batches: Vec<(Vec<RelPath>, Vec<RelPath>)> = Vec::new();
+        let mut chunks = updates.chunks(UPDATE_BATCH);
+        batches.push((
+            fresh.iter().map(|(p, _)| (*p).clone()).collect(),
+            chunks
+                .next()
+                .unwrap_or_default()
+                .iter()
+                .map(|(p, _)| (*p).clone())
+                .collect(),
+        ));
+        for c in chunks {
+            batches.push((Vec::new(), c.iter().map(|(p, _)| (*p).clone()).collect()));
         }
-        .into_iter();
-        let reqs: Vec<SendReq> = transfers
-            .iter()
-            .map(|(path, update)| SendReq {
-                path: (*path).clone(),
-                signature: if *update { sigs.next().flatten() } else { None },
-            })
-            .collect();
-        let report = transfer(src, dst, reqs).await?;
-        let retry: Vec<SendReq> = report
-            .mismatched
-            .iter()
-            .map(|p| SendReq {
-                path: p.clone(),
-                signature: None,
-            })
-            .collect();
-        add(&mut summary, report);
-        if !retry.is_empty() {
-            tracing::info!("{} deltas did not verify; sending whole files", retry.len());
-            let again = transfer(src, dst, retry).await?;
-            for p in &again.mismatched {
-                summary
-                    .failed
-                    .push((p.to_string(), "content hash mismatch".into()));
+        for (fresh, updates) in batches {
+            let sigs = if updates.is_empty() {
+                Vec::new()
+            } else {
+                dst.signatures(updates.clone()).await?
+            };
+            let mut reqs: Vec<SendReq> = fresh
+                .into_iter()
+                .map(|path| SendReq {
+                    path,
+                    signature: None,
+                })
+                .collect();
+            reqs.extend(
+                updates
+                    .into_iter()
+                    .zip(sigs)
+                    .map(|(path, signature)| SendReq { path, signature }),
+            );
+            let report = transfer(src, dst, reqs).await?;
+            let retry: Vec<SendReq> = report
+                .mismatched
+                .iter()
+                .map(|p| SendReq {
+                    path: p.clone(),
+                    signature: None,
+                })
+                .collect();
+            add(&mut summary, report);
+            if !retry.is_empty() {
+                tracing::info!("{} deltas did not verify; sending whole files", retry.len());
+                let again = transfer(src, dst, retry).await?;
+                for p in &again.mismatched {
+                    summary
+                        .failed
+                        .push((p.to_string(), "content hash mismatch".into()));
+                }
+                add(&mut summary, again);
             }
-            add(&mut summary, again);
         }
     }
 
@@ -201,18 +223,46 @@ fn add(s: &mut Summary, r: RecvReport) {
         .extend(r.failed.into_iter().map(|(p, m)| (p.to_string(), m)));
 }
 
-/// Stream files from `src` into `dst`, both running at once.
+/// Stream files from `src` into `dst`, both running at once. The client checks that the sender
+/// sends exactly the files asked for, in order, so a hostile sending agent cannot make the
+/// receiver write anything the plan did not decide to write.
 async fn transfer(
     src: &mut dyn Endpoint,
     dst: &mut dyn Endpoint,
     reqs: Vec<SendReq>,
 ) -> Result<RecvReport> {
-    let (tx, rx) = mpsc::channel(32);
-    let (sent, received) = tokio::join!(src.send(reqs, tx), dst.receive(rx));
-    // The receiver's error explains more when both failed (it usually caused the other).
+    let expected: Vec<RelPath> = reqs.iter().map(|r| r.path.clone()).collect();
+    let (tx, from_src) = mpsc::channel(32);
+    let (to_dst, rx) = mpsc::channel(32);
+    let (sent, checked, received) = tokio::join!(
+        src.send(reqs, tx),
+        check_order(expected, from_src, to_dst),
+        dst.receive(rx)
+    );
+    // The receiver's error explains most (it usually caused the others), then the check's.
     let report = received?;
+    checked?;
     sent?;
     Ok(report)
+}
+
+async fn check_order(
+    expected: Vec<RelPath>,
+    mut from_src: mpsc::Receiver<Piece>,
+    to_dst: mpsc::Sender<Piece>,
+) -> Result<()> {
+    let mut next = expected.into_iter();
+    while let Some(p) = from_src.recv().await {
+        if let Piece::Start { path, .. } | Piece::Skip { path, .. } = &p {
+            if next.next().as_ref() != Some(path) {
+                bail!("the sender sent {path:?}, which was not asked for");
+            }
+        }
+        if to_dst.send(p).await.is_err() {
+            bail!("the receiver stopped");
+        }
+    }
+    Ok(())
 }
 
 async fn apply(dst: &mut dyn Endpoint, ops: Vec<Op>, summary: &mut Summary) -> Result<()> {
@@ -236,4 +286,90 @@ async fn apply(dst: &mut dyn Endpoint, ops: Vec<Op>, summary: &mut Summary) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::sync::local::LocalEndpoint;
+    use crate::sync::tree::Listing;
+
+    /// Records every call: each one is a round trip when the endpoint is remote.
+    struct Counting {
+        inner: LocalEndpoint,
+        calls: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    impl Counting {
+        fn log(&self, c: &'static str) {
+            self.calls.lock().unwrap().push(c);
+        }
+    }
+
+    impl Endpoint for Counting {
+        fn list(&mut self, o: ListOpts) -> BoxFuture<'_, Result<Listing>> {
+            self.log("list");
+            self.inner.list(o)
+        }
+        fn signatures(&mut self, p: Vec<RelPath>) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>>> {
+            self.log("signatures");
+            self.inner.signatures(p)
+        }
+        fn send(&mut self, r: Vec<SendReq>, o: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<()>> {
+            self.log("send");
+            self.inner.send(r, o)
+        }
+        fn receive(&mut self, i: mpsc::Receiver<Piece>) -> BoxFuture<'_, Result<RecvReport>> {
+            self.log("receive");
+            self.inner.receive(i)
+        }
+        fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>> {
+            self.log("apply");
+            self.inner.apply(ops)
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trips_do_not_grow_with_file_count() {
+        let t = tempfile::tempdir().unwrap();
+        for d in 0..20 {
+            for f in 0..150 {
+                let p = t.path().join(format!("src/d{d}/f{f}"));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, format!("{d}/{f}")).unwrap();
+            }
+        }
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let ep = |dir: &str| Counting {
+            inner: LocalEndpoint::new(t.path().join(dir)),
+            calls: calls.clone(),
+        };
+        let opts = EngineOpts {
+            plan: PlanOpts {
+                delete: true,
+                ..PlanOpts::default()
+            },
+            ..EngineOpts::default()
+        };
+        let (mut s, mut d) = (ep("src"), ep("dst"));
+        let first = run(&mut s, &mut d, &opts, &mut |_| {}).await.unwrap();
+        assert_eq!(first.files, 3000);
+        let n = calls.lock().unwrap().len();
+        assert!(n <= 6, "first sync made {n} calls");
+        calls.lock().unwrap().clear();
+        let again = run(&mut s, &mut d, &opts, &mut |_| {}).await.unwrap();
+        assert!(again.changes.is_empty());
+        assert_eq!(*calls.lock().unwrap(), ["list", "list"]);
+        // One changed file: one more batch, not one per file.
+        std::fs::write(t.path().join("src/d3/f7"), "changed, and longer").unwrap();
+        calls.lock().unwrap().clear();
+        run(&mut s, &mut d, &opts, &mut |_| {}).await.unwrap();
+        let n = calls.lock().unwrap().len();
+        assert!(n <= 7, "one-file sync made {n} calls");
+    }
 }
