@@ -549,3 +549,21 @@ fn checksum_catches_same_size_same_mtime_changes() {
     assert_eq!(sync(&["-i", "-c", &s, &d]), [">fc........ f"]);
     assert_eq!(std::fs::read(dst.join("f")).unwrap(), b"aaaa");
 }
+
+#[test]
+fn symlinks_in_the_destination_are_replaced_not_followed() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, outside) = (t.path().join("s"), t.path().join("d"), t.path().join("out"));
+    write(&src.join("sub/file"), b"data");
+    write(&src.join("plain"), b"p");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("sub")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), dst.join("plain")).unwrap();
+    sync(&[&slash(&src), &remote(&dst)]);
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote through a link"
+    );
+    assert_eq!(digest(&dst), digest(&src));
+}

@@ -11,6 +11,10 @@ use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
 use super::plan::{itemize, plan, Action, PlanOpts};
 use super::tree::{Kind, ListOpts, RelPath};
 
+/// Largest file sent as a delta: delta encoding holds the old and new file in memory on their
+/// respective sides, so bigger files are sent whole.
+const DELTA_MAX: u64 = 2 << 30;
+
 /// Files per signature request: bounds memory for signatures of a huge tree.
 const UPDATE_BATCH: usize = 1000;
 
@@ -111,7 +115,9 @@ pub async fn run(
         .actions
         .iter()
         .filter_map(|a| match a {
-            Action::Transfer { entry, update, .. } => Some((&entry.path, *update)),
+            Action::Transfer { entry, update, .. } => {
+                Some((&entry.path, *update && entry.size() <= DELTA_MAX))
+            }
             _ => None,
         })
         .collect();
