@@ -567,3 +567,22 @@ fn symlinks_in_the_destination_are_replaced_not_followed() {
     );
     assert_eq!(digest(&dst), digest(&src));
 }
+
+#[test]
+fn big_sync_spreads_over_parallel_agents() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    for i in 0..12u32 {
+        let data: Vec<u8> = (0..1_000_000u32)
+            .map(|j| (j ^ i).wrapping_mul(31) as u8)
+            .collect();
+        write(&src.join(format!("dir{}/f{i}", i % 3)), &data);
+    }
+    let (d1, d2) = (t.path().join("d1"), t.path().join("d2"));
+    let lines = sync(&["--json", &slash(&src), &remote(&d1)]);
+    let j: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(j["files"], 12);
+    assert_eq!(digest(&d1), digest(&src));
+    sync(&[&format!("vm:{}/", d1.display()), &remote(&d2)]);
+    assert_eq!(digest(&d2), digest(&src));
+}

@@ -92,6 +92,11 @@ pub trait Endpoint: Send {
     fn receive(&mut self, input: mpsc::Receiver<Piece>) -> BoxFuture<'_, Result<RecvReport>>;
     /// Apply changes in order; one result per op (`Some(message)` when it failed).
     fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>>;
+    /// Another endpoint on the same root with its own connection, for parallel transfers
+    /// (`None` when this endpoint cannot open one).
+    fn fork(&self) -> BoxFuture<'_, Result<Option<Box<dyn Endpoint>>>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Bytes this endpoint moved over its connection (0 for a local one).
     fn wire_bytes(&self) -> u64 {
         0

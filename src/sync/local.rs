@@ -80,6 +80,11 @@ impl Endpoint for LocalEndpoint {
         Box::pin(blocking(move || Ok(receive_all(&root, input))))
     }
 
+    fn fork(&self) -> BoxFuture<'_, Result<Option<Box<dyn Endpoint>>>> {
+        let me: Box<dyn Endpoint> = Box::new(self.clone());
+        Box::pin(async move { Ok(Some(me)) })
+    }
+
     fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>> {
         let root = self.root.clone();
         Box::pin(blocking(move || {

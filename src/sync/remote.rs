@@ -33,6 +33,8 @@ pub struct AgentEndpoint {
     r: Reader,
     w: Writer,
     wire: u64,
+    /// How to open another connection to the same root (for parallel transfers).
+    again: Option<(Arc<dyn Opener>, String)>,
 }
 
 /// Quote for POSIX sh.
@@ -199,8 +201,13 @@ impl AgentEndpoint {
             }
         }
         w.write_all(&hello()).await?;
-        let mut ep = AgentEndpoint { r, w, wire: 0 };
-        ep.wire += ep.put(&Msg::Root(root.to_string())).await?;
+        let mut ep = AgentEndpoint {
+            r,
+            w,
+            wire: 0,
+            again: Some((opener.clone(), root.to_string())),
+        };
+        ep.put(&Msg::Root(root.to_string())).await?;
         Ok(ep)
     }
 
@@ -213,7 +220,12 @@ impl AgentEndpoint {
             Found::Agent => {}
             Found::NoAgent { .. } => bail!("no agent on this stream"),
         }
-        let mut ep = AgentEndpoint { r, w, wire: 0 };
+        let mut ep = AgentEndpoint {
+            r,
+            w,
+            wire: 0,
+            again: None,
+        };
         ep.w.write_all(&hello()).await?;
         ep.put(&Msg::Root(root.to_string())).await?;
         Ok(ep)
@@ -308,6 +320,18 @@ impl Endpoint for AgentEndpoint {
                 Msg::Applied(r) if r.len() == n => Ok(r),
                 m => unexpected(m),
             }
+        })
+    }
+
+    fn fork(&self) -> BoxFuture<'_, Result<Option<Box<dyn Endpoint>>>> {
+        // Clone first: the future must not hold `&self`, whose stream is not `Sync`.
+        let again = self.again.clone();
+        Box::pin(async move {
+            let Some((opener, root)) = again else {
+                return Ok(None);
+            };
+            let ep: Box<dyn Endpoint> = Box::new(AgentEndpoint::start(&opener, &root).await?);
+            Ok(Some(ep))
         })
     }
 
