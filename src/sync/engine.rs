@@ -126,11 +126,11 @@ pub async fn run(
         })
         .collect();
     let total: u64 = sizes.values().sum();
-    let mut forks: Vec<(Box<dyn Endpoint>, Box<dyn Endpoint>)> = Vec::new();
+    let mut forks: Vec<Fork> = Vec::new();
     if o.parallel > 1 && total >= PARALLEL_MIN && sizes.len() > 1 {
         for _ in 1..o.parallel.min(sizes.len()) {
             match futures::try_join!(src.fork(), dst.fork()) {
-                Ok((Some(s), Some(d))) => forks.push((s, d)),
+                Ok((Some(src), Some(dst))) => forks.push(Fork { src, dst }),
                 Ok(_) => break,
                 Err(e) => {
                     tracing::info!("cannot open another connection: {e:#}");
@@ -244,7 +244,7 @@ pub async fn run(
         + dst.wire_bytes()
         + forks
             .iter()
-            .map(|(s, d)| s.wire_bytes() + d.wire_bytes())
+            .map(|f| f.src.wire_bytes() + f.dst.wire_bytes())
             .sum::<u64>();
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
@@ -265,11 +265,17 @@ fn add(s: &mut Summary, r: RecvReport) {
         .extend(r.failed.into_iter().map(|(p, m)| (p.to_string(), m)));
 }
 
+/// An extra connection to each side, for parallel transfers.
+struct Fork {
+    src: Box<dyn Endpoint>,
+    dst: Box<dyn Endpoint>,
+}
+
 /// Spread `reqs` over the main pair and the forks, balancing bytes, and run them all at once.
 async fn transfer_spread(
     src: &mut dyn Endpoint,
     dst: &mut dyn Endpoint,
-    forks: &mut [(Box<dyn Endpoint>, Box<dyn Endpoint>)],
+    forks: &mut [Fork],
     reqs: Vec<SendReq>,
     sizes: &HashMap<RelPath, u64>,
 ) -> Result<RecvReport> {
@@ -292,8 +298,8 @@ async fn transfer_spread(
         groups[g].push(r);
     }
     let mut pairs: Vec<(&mut dyn Endpoint, &mut dyn Endpoint)> = vec![(src, dst)];
-    for (s, d) in forks.iter_mut() {
-        pairs.push((s.as_mut(), d.as_mut()));
+    for f in forks.iter_mut() {
+        pairs.push((f.src.as_mut(), f.dst.as_mut()));
     }
     let reports = futures::future::join_all(
         pairs
