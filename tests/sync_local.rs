@@ -175,7 +175,12 @@ fn digest(root: &Path) -> BTreeMap<String, String> {
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
             let m = std::fs::symlink_metadata(&p).unwrap();
             let what = if m.file_type().is_symlink() {
-                format!("link {}", std::fs::read_link(&p).unwrap().display())
+                format!(
+                    "link {} {}.{}",
+                    std::fs::read_link(&p).unwrap().display(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                )
             } else if m.is_dir() {
                 walk(root, &p, out);
                 format!(

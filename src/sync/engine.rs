@@ -222,6 +222,12 @@ pub async fn run(
                         path: entry.path.clone(),
                         target: target.clone(),
                     });
+                    // The link's own mtime, as rsync -a keeps it on Linux.
+                    ops.push(Op::SetMeta {
+                        path: entry.path.clone(),
+                        mode: None,
+                        mtime_ns: Some(entry.mtime_ns),
+                    });
                 }
             }
             Action::Meta { entry, .. } if !entry.is_dir() => ops.push(Op::SetMeta {

@@ -5,6 +5,11 @@
 //! this machine), `protocol`/`agent` (the same endpoint served over stdin/stdout by
 //! `vtun agent`), `remote` (finding or uploading the agent and talking to it), `engine` (runs a
 //! plan between two endpoints).
+//!
+//! Environment variables, all testing and debugging aids: `VTUN_AGENT_PATH` (client side) names
+//! an agent executable the remote discovery script tries first; `VTUN_AGENT_BINARY` (client side)
+//! is the file uploaded when the remote has no agent (default: this executable);
+//! `VTUN_AGENT_PROBE=1 vtun agent` prints the agent protocol version and exits.
 
 pub mod agent;
 pub mod delta;
