@@ -42,7 +42,8 @@ pub fn diff(signature: &[u8], new: &[u8]) -> Result<Vec<u8>> {
 /// Apply `delta` to `base`; the result may not exceed `expected_len` bytes.
 pub fn apply(base: &[u8], delta: &[u8], expected_len: u64) -> Result<Vec<u8>> {
     let limit = usize::try_from(expected_len).context("file too large")?;
-    let mut out = Vec::with_capacity(limit);
+    // `expected_len` comes from the peer: grow towards it rather than trusting it up front.
+    let mut out = Vec::with_capacity(limit.min(64 << 20));
     fast_rsync::apply_limited(base, delta, &mut out, limit).context("cannot apply delta")?;
     if out.len() as u64 != expected_len {
         bail!(

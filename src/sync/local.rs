@@ -283,6 +283,10 @@ fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport {
                     continue;
                 };
                 let r = match &mut f.delta {
+                    // A delta is only sent when smaller than the file; more is a broken peer.
+                    Some(d) if (d.len() + bytes.len()) as u64 > f.size.saturating_add(1 << 16) => {
+                        Err(anyhow::anyhow!("delta larger than the file"))
+                    }
                     Some(d) => {
                         d.extend_from_slice(&bytes);
                         Ok(())
