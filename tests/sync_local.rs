@@ -315,7 +315,14 @@ fn delete_respects_excludes_unless_delete_excluded() {
     );
     assert!(!dst.join("stale").exists());
     assert!(dst.join("log.tmp").exists(), "excluded entries are kept");
+    // A directory that only holds excluded entries is kept, as rsync does, without failing.
+    write(&dst.join("old/x.tmp"), b"kept");
+    write(&dst.join("old/y"), b"goes");
+    sync(&["--delete", "--exclude", "*.tmp", &s, &d]);
+    assert!(dst.join("old/x.tmp").exists());
+    assert!(!dst.join("old/y").exists());
     sync(&["--delete-excluded", "--exclude", "*.tmp", &s, &d]);
+    assert!(!dst.join("old").exists());
     assert!(!dst.join("log.tmp").exists());
     assert!(dst.join("keep").exists());
 }

@@ -442,7 +442,14 @@ fn apply_op(root: &Path, op: &Op) -> Result<()> {
             } else {
                 std::fs::remove_dir(&p)
             };
-            r.with_context(|| format!("cannot delete {}", p.display()))
+            match r {
+                // It still holds excluded entries, which --delete keeps (as rsync does).
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !*recursive => {
+                    tracing::info!("keeping non-empty directory {}", p.display());
+                    Ok(())
+                }
+                r => r.with_context(|| format!("cannot delete {}", p.display())),
+            }
         }
         Op::SetMeta {
             path,
