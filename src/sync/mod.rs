@@ -21,6 +21,7 @@ pub mod plan;
 pub mod protocol;
 pub mod remote;
 pub mod tree;
+pub mod write;
 
 use std::io::Write;
 use std::sync::Arc;
