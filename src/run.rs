@@ -12,6 +12,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Proxy(a) => crate::proxy::run(&Settings::from_args(g, &[])?, &a.host),
         Command::Gateway(a) => crate::gateway::run(&a),
+        Command::Agent => crate::sync::agent::run_stdio(),
         Command::SshConfig(a) => crate::sshconfig::run(&Settings::from_args(g, &[])?, &a),
         Command::Completions(a) => {
             clap_complete::generate(a.shell, &mut Cli::command(), "vtun", &mut std::io::stdout());
@@ -21,8 +22,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         | Command::Exec(_)
         | Command::Cp(_)
         | Command::Sync(_)
-        | Command::Bench(_)
-        | Command::Agent => {
+        | Command::Bench(_) => {
             anyhow::bail!("this subcommand is not available in this build yet")
         }
     }

@@ -1,1 +1,198 @@
-//! `vtun sync`: plan, delta, agent.
+//! `vtun sync`: rsync-style sync with delta transfer.
+//!
+//! The pieces: `pattern` (exclude rules), `tree` (listings), `plan` (what to change), `delta`
+//! (signatures and deltas), `endpoint` (one interface for both sides), `local` (a directory on
+//! this machine), `protocol`/`agent` (the same endpoint served over stdin/stdout by
+//! `vtun agent`), `remote` (finding or uploading the agent and talking to it), `engine` (runs a
+//! plan between two endpoints).
+//!
+//! Environment variables, all testing and debugging aids: `VTUN_AGENT_PATH` (client side) names
+//! an agent executable the remote discovery script tries first; `VTUN_AGENT_BINARY` (client side)
+//! is the file uploaded when the remote has no agent (default: this executable);
+//! `VTUN_AGENT_PROBE=1 vtun agent` prints the agent protocol version and exits.
+
+pub mod agent;
+pub mod delta;
+pub mod endpoint;
+pub mod engine;
+pub mod local;
+pub mod pattern;
+pub mod plan;
+pub mod protocol;
+pub mod remote;
+pub mod tree;
+pub mod write;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::SyncArgs;
+use crate::remote::Connector;
+use crate::settings::Settings;
+use crate::target::Location;
+use endpoint::Endpoint;
+use engine::{EngineOpts, Summary};
+use tree::RelPath;
+
+/// Connections per side for file contents on a big sync: enough to get past OpenSSH's fixed
+/// per-channel window on a high-latency link.
+const PARALLEL: usize = 4;
+
+/// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to stdout.
+pub async fn sync(settings: &Settings, args: &SyncArgs, connector: &dyn Connector) -> Result<u8> {
+    let mut stdout = std::io::stdout();
+    run_sync(settings, args, connector, &mut stdout).await?;
+    Ok(0)
+}
+
+/// [`sync`] writing to `out`; errors when any entry could not be synced (after syncing the rest).
+pub async fn run_sync(
+    settings: &Settings,
+    args: &SyncArgs,
+    connector: &dyn Connector,
+    out: &mut (dyn Write + Send),
+) -> Result<Summary> {
+    if args.no_agent {
+        bail!("--no-agent (whole-file sync over SFTP) is not supported yet");
+    }
+    let src = Location::parse(&args.src, &settings.domain)?;
+    let dst = Location::parse(&args.dst, &settings.domain)?;
+    let (src_root, start) = split_source(operand_path(&src))?;
+    let dst_root = match operand_path(&dst) {
+        "" => ".".to_string(),
+        p => p.to_string(),
+    };
+    let excludes = pattern::Excludes::from_args(&args.exclude, &args.exclude_from)?;
+    let opts = EngineOpts {
+        plan: plan::PlanOpts {
+            checksum: args.checksum,
+            size_only: args.size_only,
+            delete: args.delete || args.delete_excluded,
+        },
+        dry_run: args.dry_run,
+        excludes: excludes.patterns().to_vec(),
+        delete_excluded: args.delete_excluded,
+        start,
+        parallel: PARALLEL,
+    };
+    let (mut s, mut d) = futures::try_join!(
+        open(&src, src_root, connector),
+        open(&dst, dst_root, connector)
+    )?;
+    let show = args.itemize || args.dry_run;
+    let mut io_err = None;
+    let mut emit = |line: &str| {
+        if show && io_err.is_none() {
+            if let Err(e) = writeln!(out, "{line}") {
+                io_err = Some(e);
+            }
+        }
+    };
+    let summary = engine::run(s.as_mut(), d.as_mut(), &opts, &mut emit).await?;
+    if let Some(e) = io_err {
+        return Err(e).context("cannot write to stdout");
+    }
+    if args.json {
+        let j = serde_json::json!({
+            "files": summary.files,
+            "bytes": summary.bytes,
+            "bytes_on_wire": summary.wire,
+            "seconds": summary.seconds,
+            "changes": summary.changes.len(),
+            "failed": summary.failed.len(),
+        });
+        writeln!(out, "{j}").context("cannot write to stdout")?;
+    }
+    out.flush().ok();
+    if !summary.failed.is_empty() {
+        for (path, why) in &summary.failed {
+            eprintln!("vtun: sync: {path}: {why}");
+        }
+        bail!("{} entries could not be synced", summary.failed.len());
+    }
+    Ok(summary)
+}
+
+fn operand_path(l: &Location) -> &str {
+    match l {
+        Location::Local(p) => p.to_str().unwrap_or(""),
+        Location::Remote { path, .. } => {
+            // The agent runs in the home directory, so `~/x` is `x`.
+            let p = path.as_str();
+            if p == "~" {
+                "."
+            } else {
+                p.strip_prefix("~/").unwrap_or(p)
+            }
+        }
+    }
+}
+
+/// rsync's trailing-slash rule: `dir/` (or `.`) syncs the contents of dir, `dir` syncs dir itself
+/// into the destination. Returns the root to open and the start below it.
+pub fn split_source(path: &str) -> Result<(String, RelPath)> {
+    if path.is_empty() {
+        bail!("empty source path");
+    }
+    let contents = path.ends_with('/')
+        || path == "."
+        || path == ".."
+        || path.ends_with("/.")
+        || path.ends_with("/..");
+    if contents {
+        return Ok((path.to_string(), RelPath::root()));
+    }
+    let (parent, name) = match path.rsplit_once('/') {
+        Some(("", name)) => ("/", name),
+        Some((parent, name)) => (parent, name),
+        None => (".", path),
+    };
+    let start = RelPath::parse(name).with_context(|| format!("bad source path {path:?}"))?;
+    Ok((parent.to_string(), start))
+}
+
+async fn open(
+    loc: &Location,
+    root: String,
+    connector: &dyn Connector,
+) -> Result<Box<dyn Endpoint>> {
+    match loc {
+        Location::Local(_) => Ok(Box::new(local::LocalEndpoint::new(root))),
+        Location::Remote { host, .. } => {
+            let opener: Arc<dyn crate::remote::Opener> = connector.connect(host).await?;
+            Ok(Box::new(
+                remote::AgentEndpoint::start(&opener, &root).await?,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_slash_means_contents() {
+        assert_eq!(
+            split_source("a/b/").unwrap(),
+            ("a/b/".into(), RelPath::root())
+        );
+        assert_eq!(split_source(".").unwrap(), (".".into(), RelPath::root()));
+        assert_eq!(
+            split_source("a/b").unwrap(),
+            ("a".into(), RelPath::parse("b").unwrap())
+        );
+        assert_eq!(
+            split_source("b").unwrap(),
+            (".".into(), RelPath::parse("b").unwrap())
+        );
+        assert_eq!(
+            split_source("/b").unwrap(),
+            ("/".into(), RelPath::parse("b").unwrap())
+        );
+        assert!(split_source("").is_err());
+    }
+}

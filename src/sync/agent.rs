@@ -1,0 +1,112 @@
+//! `vtun agent`: serves a [`LocalEndpoint`] over stdin/stdout for a `vtun sync` on another machine.
+//!
+//! It is the same binary as the client, started through an exec channel by `vtun sync`, and it
+//! does exactly what the in-process local endpoint does, so both directions behave alike. With
+//! `VTUN_AGENT_PROBE=1` in its environment it only prints its protocol version and exits, which
+//! is how discovery checks that a `vtun` found on the remote PATH speaks our protocol.
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::mpsc;
+
+use super::endpoint::{Endpoint, Piece};
+use super::local::LocalEndpoint;
+use super::protocol::{hello, read_msg, write_msg, Msg, PROTO};
+
+/// The line `VTUN_AGENT_PROBE=1 vtun agent` prints.
+pub fn probe_line() -> String {
+    format!("vtun-agent-proto {PROTO}")
+}
+
+/// Entry point of `vtun agent`.
+pub fn run_stdio() -> Result<u8> {
+    if std::env::var_os("VTUN_AGENT_PROBE").is_some() {
+        println!("{}", probe_line());
+        return Ok(0);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start runtime")?;
+    rt.block_on(serve(tokio::io::stdin(), tokio::io::stdout()))?;
+    Ok(0)
+}
+
+/// Serve one client until it closes the stream.
+pub async fn serve<R, W>(r: R, w: W) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(256 * 1024, w);
+    w.write_all(&hello()).await?;
+    w.flush().await?;
+    let mut theirs = [0u8; 16];
+    r.read_exact(&mut theirs)
+        .await
+        .context("no handshake from client")?;
+    if theirs != hello() {
+        bail!("client does not speak agent protocol {PROTO}");
+    }
+    let mut ep: Option<LocalEndpoint> = None;
+    while let Some((msg, _)) = read_msg(&mut r).await? {
+        if let Msg::Root(root) = msg {
+            ep = Some(LocalEndpoint::new(root));
+            continue;
+        }
+        let Some(ep) = ep.as_mut() else {
+            bail!("request before the root was set");
+        };
+        let reply = match msg {
+            Msg::List(opts) => ep.list(opts).await.map(Msg::Listing),
+            Msg::Signatures(paths) => ep.signatures(paths).await.map(Msg::Sigs),
+            Msg::Apply(ops) => ep.apply(ops).await.map(Msg::Applied),
+            Msg::Send(reqs) => {
+                let (tx, rx) = mpsc::channel(16);
+                let (sent, fwd) = tokio::join!(ep.send(reqs, tx), forward(rx, &mut w));
+                fwd?;
+                sent.map(|_| Msg::SendDone)
+            }
+            Msg::RecvBegin => {
+                let (tx, rx) = mpsc::channel(16);
+                let (report, fed) = tokio::join!(ep.receive(rx), feed(&mut r, tx));
+                fed?;
+                report.map(Msg::RecvDone)
+            }
+            other => bail!("unexpected request {other:?}"),
+        };
+        let reply = reply.unwrap_or_else(|e| Msg::Error(format!("{e:#}")));
+        write_msg(&mut w, &reply).await?;
+        w.flush().await?;
+    }
+    Ok(())
+}
+
+/// Write the pieces a local send produces to the client. Owning `rx` matters: if the client is
+/// gone, dropping it stops the sender instead of leaving it blocked on a full channel.
+async fn forward<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Piece>, w: &mut W) -> Result<()> {
+    while let Some(p) = rx.recv().await {
+        write_msg(w, &Msg::Piece(p)).await?;
+    }
+    Ok(())
+}
+
+/// Feed the client's pieces to the local receiver until `RecvEnd`. Returning drops `tx`, which
+/// ends the receiver; a file cut off mid-stream is then discarded, never renamed into place.
+async fn feed<R: AsyncRead + Unpin>(r: &mut R, tx: mpsc::Sender<Piece>) -> Result<()> {
+    loop {
+        let (m, _) = read_msg(r)
+            .await?
+            .context("client went away mid-transfer")?;
+        match m {
+            Msg::Piece(p) => {
+                if tx.send(p).await.is_err() {
+                    bail!("receiver stopped");
+                }
+            }
+            Msg::RecvEnd => return Ok(()),
+            other => bail!("unexpected {other:?} during transfer"),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The endpoint for a directory on this machine. The agent serves exactly this over its protocol,
+//! so local and remote sides behave the same. Reading and sending live here; everything that
+//! writes (and must not be tricked into writing elsewhere) is in `write`.
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::delta;
+use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
+use super::tree::{self, ListOpts, Listing, RelPath};
+use super::write;
+
+/// A sync root on the local file system.
+#[derive(Debug, Clone)]
+pub struct LocalEndpoint {
+    root: PathBuf,
+}
+
+impl LocalEndpoint {
+    pub fn new(root: impl Into<PathBuf>) -> LocalEndpoint {
+        LocalEndpoint { root: root.into() }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("worker thread failed")?
+}
+
+impl Endpoint for LocalEndpoint {
+    fn list(&mut self, opts: ListOpts) -> BoxFuture<'_, Result<Listing>> {
+        let root = self.root.clone();
+        Box::pin(blocking(move || tree::walk(&root, &opts)))
+    }
+
+    fn signatures(&mut self, paths: Vec<RelPath>) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>>> {
+        let root = self.root.clone();
+        Box::pin(blocking(move || {
+            Ok(paths
+                .iter()
+                .map(|p| read_regular(&root, p).ok().map(|d| delta::signature(&d)))
+                .collect())
+        }))
+    }
+
+    fn send(&mut self, reqs: Vec<SendReq>, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<()>> {
+        let root = self.root.clone();
+        Box::pin(blocking(move || {
+            for req in reqs {
+                if let Err(e) = send_one(&root, &req, &out) {
+                    if out.is_closed() {
+                        bail!("receiver went away");
+                    }
+                    let skip = Piece::Skip {
+                        path: req.path.clone(),
+                        reason: format!("{e:#}"),
+                    };
+                    out.blocking_send(skip).ok().context("receiver went away")?;
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    fn receive(&mut self, input: mpsc::Receiver<Piece>) -> BoxFuture<'_, Result<RecvReport>> {
+        let root = self.root.clone();
+        Box::pin(blocking(move || Ok(write::receive_all(&root, input))))
+    }
+
+    fn fork(&self) -> BoxFuture<'_, Result<Option<Box<dyn Endpoint>>>> {
+        let me: Box<dyn Endpoint> = Box::new(self.clone());
+        Box::pin(async move { Ok(Some(me)) })
+    }
+
+    fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>> {
+        let root = self.root.clone();
+        Box::pin(blocking(move || {
+            Ok(ops
+                .iter()
+                .map(|op| write::apply_op(&root, op).err().map(|e| format!("{e:#}")))
+                .collect())
+        }))
+    }
+}
+
+/// Read a regular file (not through a symlink) whole.
+fn read_regular(root: &Path, rel: &RelPath) -> Result<Vec<u8>> {
+    let path = rel.under(root);
+    let mut f = tree::open_nofollow(&path)?;
+    if !f.metadata()?.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(buf)
+}
+
+fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
+    let path = req.path.under(root);
+    let mut f = tree::open_nofollow(&path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        bail!("not a regular file");
+    }
+    let put = |p: Piece| out.blocking_send(p).ok().context("receiver went away");
+    let start = |delta: bool, size: u64| Piece::Start {
+        path: req.path.clone(),
+        delta,
+        size,
+        mode: m.permissions().mode() & 0o7777,
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+    };
+    if let Some(sig) = &req.signature {
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let hash = *blake3::hash(&data).as_bytes();
+        let data_len = data.len() as u64;
+        let d = delta::diff(sig, &data)?;
+        let (is_delta, body) = if delta::pays(d.len(), data.len() as u64) {
+            (true, d)
+        } else {
+            (false, data)
+        };
+        put(start(is_delta, data_len))?;
+        for c in body.chunks(CHUNK) {
+            put(Piece::Data(c.to_vec()))?;
+        }
+        return put(Piece::End { hash });
+    }
+    put(start(false, m.len()))?;
+    let mut h = blake3::Hasher::new();
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        h.update(&buf);
+        put(Piece::Data(buf))?;
+    }
+    put(Piece::End {
+        hash: *h.finalize().as_bytes(),
+    })
+}

@@ -1,0 +1,372 @@
+//! rsync exclude rules: `--exclude PATTERN` and `--exclude-from FILE`.
+//!
+//! Paths are matched relative to the transfer root (for `SRC` without a trailing `/` that root is
+//! SRC's parent, so `/SRC/x` anchors as in rsync). A pattern that starts with `/` must match the
+//! whole path; any other pattern matches the end of the path at a component boundary, which for a
+//! pattern without `/` means "a name at any depth". A trailing `/` restricts a rule to
+//! directories, and `dir/***` matches `dir` and everything below it.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// One parsed exclude rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    tokens: Vec<Token>,
+    anchored: bool,
+    dir_only: bool,
+    /// Source text, for messages and for sending to the agent.
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Lit(char),
+    /// `?`: one character other than `/`.
+    One,
+    /// `*`: any run of characters other than `/`.
+    Star,
+    /// `**`: any run of characters, `/` included.
+    DStar,
+    /// `[...]`: one character (other than `/`) in (or with `negated`, not in) the ranges.
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+impl Rule {
+    /// Parse one pattern with rsync's rules.
+    pub fn parse(pattern: &str) -> Result<Vec<Rule>> {
+        if pattern.is_empty() {
+            bail!("empty exclude pattern");
+        }
+        let mut p = pattern;
+        let dir_only = p.len() > 1 && p.ends_with('/');
+        if dir_only {
+            p = &p[..p.len() - 1];
+        }
+        let anchored = p.starts_with('/');
+        if anchored {
+            p = &p[1..];
+        }
+        if p.is_empty() {
+            bail!("exclude pattern {pattern:?} matches nothing");
+        }
+        // `dir/***` is shorthand for `dir` plus `dir/**`.
+        if let Some(base) = p.strip_suffix("/***") {
+            let mut out = Vec::new();
+            for body in [base.to_string(), format!("{base}/**")] {
+                out.push(Rule {
+                    tokens: tokenize(&body, pattern)?,
+                    anchored,
+                    dir_only: false,
+                    text: pattern.to_string(),
+                });
+            }
+            return Ok(out);
+        }
+        Ok(vec![Rule {
+            tokens: tokenize(p, pattern)?,
+            anchored,
+            dir_only,
+            text: pattern.to_string(),
+        }])
+    }
+
+    /// Does this rule match `path` (relative, `/`-separated, no leading `/`)?
+    pub fn matches(&self, path: &str, is_dir: bool) -> bool {
+        if self.dir_only && !is_dir {
+            return false;
+        }
+        let chars: Vec<char> = path.chars().collect();
+        if self.anchored {
+            return glob(&self.tokens, &chars);
+        }
+        // Unanchored: the end of the path, starting at a component boundary.
+        if glob(&self.tokens, &chars) {
+            return true;
+        }
+        chars
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c == '/')
+            .any(|(i, _)| glob(&self.tokens, &chars[i + 1..]))
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+fn tokenize(p: &str, whole: &str) -> Result<Vec<Token>> {
+    let chars: Vec<char> = p.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '\\' => {
+                let c = chars
+                    .get(i + 1)
+                    .with_context(|| format!("pattern {whole:?} ends with a lone '\\'"))?;
+                out.push(Token::Lit(*c));
+                i += 2;
+            }
+            '?' => {
+                out.push(Token::One);
+                i += 1;
+            }
+            '*' => {
+                if chars.get(i + 1) == Some(&'*') {
+                    out.push(Token::DStar);
+                    i += 2;
+                    while chars.get(i) == Some(&'*') {
+                        i += 1;
+                    }
+                } else {
+                    out.push(Token::Star);
+                    i += 1;
+                }
+            }
+            '[' => {
+                let (tok, next) = class(&chars, i)
+                    .with_context(|| format!("unclosed '[' in pattern {whole:?}"))?;
+                out.push(tok);
+                i = next;
+            }
+            c => {
+                out.push(Token::Lit(c));
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parse `[...]` starting at `start`; returns the token and the index after `]`.
+fn class(chars: &[char], start: usize) -> Option<(Token, usize)> {
+    let mut i = start + 1;
+    let negated = matches!(chars.get(i), Some('!') | Some('^'));
+    if negated {
+        i += 1;
+    }
+    let mut ranges = Vec::new();
+    let mut first = true;
+    loop {
+        let c = *chars.get(i)?;
+        if c == ']' && !first {
+            return Some((Token::Class { negated, ranges }, i + 1));
+        }
+        first = false;
+        if chars.get(i + 1) == Some(&'-') && chars.get(i + 2).is_some_and(|c| *c != ']') {
+            ranges.push((c, chars[i + 2]));
+            i += 3;
+        } else {
+            ranges.push((c, c));
+            i += 1;
+        }
+    }
+}
+
+fn glob(tokens: &[Token], s: &[char]) -> bool {
+    let Some((first, rest)) = tokens.split_first() else {
+        return s.is_empty();
+    };
+    match first {
+        Token::Lit(c) => s.first() == Some(c) && glob(rest, &s[1..]),
+        Token::One => s.first().is_some_and(|c| *c != '/') && glob(rest, &s[1..]),
+        Token::Class { negated, ranges } => {
+            s.first().is_some_and(|c| {
+                *c != '/' && ranges.iter().any(|(a, b)| a <= c && c <= b) != *negated
+            }) && glob(rest, &s[1..])
+        }
+        Token::Star => {
+            for i in 0..=s.len() {
+                if glob(rest, &s[i..]) {
+                    return true;
+                }
+                if s.get(i) == Some(&'/') {
+                    break;
+                }
+            }
+            false
+        }
+        Token::DStar => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+    }
+}
+
+/// The set of exclude rules for one sync.
+#[derive(Debug, Clone, Default)]
+pub struct Excludes {
+    rules: Vec<Rule>,
+    /// The patterns as given, in order (what the agent is sent).
+    patterns: Vec<String>,
+}
+
+impl Excludes {
+    pub fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut rules = Vec::new();
+        for p in patterns {
+            rules.extend(Rule::parse(p)?);
+        }
+        Ok(Excludes {
+            rules,
+            patterns: patterns.to_vec(),
+        })
+    }
+
+    /// `--exclude` patterns followed by those read from each `--exclude-from` file.
+    pub fn from_args(exclude: &[String], exclude_from: &[impl AsRef<Path>]) -> Result<Excludes> {
+        let mut patterns = exclude.to_vec();
+        for file in exclude_from {
+            let file = file.as_ref();
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read exclude file {}", file.display()))?;
+            patterns.extend(
+                parse_exclude_file(&text).with_context(|| format!("in {}", file.display()))?,
+            );
+        }
+        Excludes::new(&patterns)
+    }
+
+    pub fn is_excluded(&self, path: &str, is_dir: bool) -> bool {
+        !path.is_empty() && self.rules.iter().any(|r| r.matches(path, is_dir))
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+}
+
+/// Lines of an `--exclude-from` file: blank lines and `#`/`;` comments skipped, a `- ` prefix
+/// allowed (rsync's filter-rule form); include rules (`+ `) are refused rather than ignored.
+pub fn parse_exclude_file(text: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with("+ ") {
+            bail!("line {}: include rules ('+ ') are not supported", n + 1);
+        }
+        let pat = line.strip_prefix("- ").unwrap_or(line);
+        out.push(pat.to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ex(p: &[&str]) -> Excludes {
+        Excludes::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn name_without_slash_matches_at_any_depth() {
+        let e = ex(&[".git"]);
+        assert!(e.is_excluded(".git", true));
+        assert!(e.is_excluded("a/b/.git", true));
+        assert!(e.is_excluded("a/.git", false));
+        assert!(!e.is_excluded("a/.gitignore", false));
+        assert!(!e.is_excluded("x.git", false));
+    }
+
+    #[test]
+    fn leading_slash_anchors_at_root() {
+        let e = ex(&["/build"]);
+        assert!(e.is_excluded("build", true));
+        assert!(!e.is_excluded("src/build", true));
+    }
+
+    #[test]
+    fn trailing_slash_matches_directories_only() {
+        let e = ex(&["cache/"]);
+        assert!(e.is_excluded("cache", true));
+        assert!(e.is_excluded("a/cache", true));
+        assert!(!e.is_excluded("cache", false));
+    }
+
+    #[test]
+    fn star_stays_within_a_segment() {
+        let e = ex(&["*.o"]);
+        assert!(e.is_excluded("main.o", false));
+        assert!(e.is_excluded("src/deep/main.o", false));
+        assert!(!e.is_excluded("main.oo", false));
+        let e = ex(&["/src/*.c"]);
+        assert!(e.is_excluded("src/a.c", false));
+        assert!(!e.is_excluded("src/x/a.c", false));
+    }
+
+    #[test]
+    fn double_star_crosses_segments() {
+        let e = ex(&["/src/**.c"]);
+        assert!(e.is_excluded("src/a.c", false));
+        assert!(e.is_excluded("src/x/y/a.c", false));
+        assert!(!e.is_excluded("lib/a.c", false));
+        let e = ex(&["logs/**"]);
+        assert!(e.is_excluded("logs/a", false));
+        assert!(e.is_excluded("x/logs/a/b", false));
+        assert!(!e.is_excluded("logs", true));
+    }
+
+    #[test]
+    fn unanchored_pattern_with_slash_matches_path_end() {
+        let e = ex(&["foo/bar"]);
+        assert!(e.is_excluded("foo/bar", false));
+        assert!(e.is_excluded("x/foo/bar", false));
+        assert!(!e.is_excluded("xfoo/bar", false));
+        assert!(!e.is_excluded("foo/bar/baz", false));
+    }
+
+    #[test]
+    fn question_mark_and_classes() {
+        let e = ex(&["file?.txt", "[ab]*.log", "[!0-9]x"]);
+        assert!(e.is_excluded("file1.txt", false));
+        assert!(!e.is_excluded("file10.txt", false));
+        assert!(e.is_excluded("d/a1.log", false));
+        assert!(!e.is_excluded("c1.log", false));
+        assert!(e.is_excluded("zx", false));
+        assert!(!e.is_excluded("5x", false));
+        assert!(!ex(&["a?b"]).is_excluded("a/b", false));
+    }
+
+    #[test]
+    fn triple_star_matches_dir_and_contents() {
+        let e = ex(&["/out/***"]);
+        assert!(e.is_excluded("out", true));
+        assert!(e.is_excluded("out/a/b", false));
+        assert!(!e.is_excluded("outx", false));
+    }
+
+    #[test]
+    fn escapes_are_literal() {
+        let e = ex(&["a\\*b"]);
+        assert!(e.is_excluded("a*b", false));
+        assert!(!e.is_excluded("axb", false));
+    }
+
+    #[test]
+    fn root_is_never_excluded() {
+        assert!(!ex(&["**"]).is_excluded("", true));
+    }
+
+    #[test]
+    fn bad_patterns_rejected() {
+        assert!(Rule::parse("").is_err());
+        assert!(Rule::parse("/").is_err());
+        assert!(Rule::parse("a[bc").is_err());
+        assert!(Rule::parse("a\\").is_err());
+    }
+
+    #[test]
+    fn exclude_file_lines() {
+        let got = parse_exclude_file("# c\n\n; c\n*.o\n- /build/\r\nnode_modules\n").unwrap();
+        assert_eq!(got, vec!["*.o", "/build/", "node_modules"]);
+        assert!(parse_exclude_file("+ keep\n").is_err());
+    }
+}

@@ -1,0 +1,395 @@
+//! Compare a source and a destination listing and decide what to do, rsync style.
+//!
+//! Quick check: a file whose size and mtime (to the nanosecond, since both are preserved) match is
+//! skipped; `-c` compares content hashes, `--size-only` sizes. Directory metadata is applied last,
+//! because writing into a directory changes its mtime; that is why every directory whose contents
+//! change gets its mtime set again even when it is not itemized.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::tree::{Entry, Kind, RelPath};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOpts {
+    pub checksum: bool,
+    pub size_only: bool,
+    pub delete: bool,
+}
+
+/// One itemized change, in the order it is carried out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Remove a destination entry (recursive when a directory is replaced by a non-directory).
+    Delete {
+        path: RelPath,
+        is_dir: bool,
+        recursive: bool,
+    },
+    Mkdir(Entry),
+    /// Send file content; `update` when the receiver has an old copy (a delta candidate).
+    Transfer {
+        entry: Entry,
+        update: bool,
+        flags: Flags,
+    },
+    Symlink {
+        entry: Entry,
+        new: bool,
+    },
+    /// Mode or mtime only.
+    Meta {
+        entry: Entry,
+        flags: Flags,
+    },
+}
+
+/// Which attributes differ (rsync's `c`, `s`, `t`, `p` columns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub checksum: bool,
+    pub size: bool,
+    pub time: bool,
+    pub perms: bool,
+}
+
+/// The plan: itemized actions, plus the directories whose metadata must be (re)set at the end.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Directories (from the source listing) to give their mode and mtime after all writes,
+    /// deepest first.
+    pub dir_meta: Vec<Entry>,
+}
+
+pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
+    let dst_by: HashMap<&RelPath, &Entry> = dst.iter().map(|e| (&e.path, e)).collect();
+    let src_paths: BTreeSet<&RelPath> = src.iter().map(|e| &e.path).collect();
+    let mut deletes = Vec::new();
+    let mut creates = Vec::new();
+    let mut touched_dirs: BTreeSet<RelPath> = BTreeSet::new();
+    // Destination subtrees removed because their type changed: their contents go with them.
+    let mut gone: Vec<RelPath> = Vec::new();
+
+    let touch = |p: &RelPath, touched: &mut BTreeSet<RelPath>| {
+        if let Some(parent) = p.parent() {
+            touched.insert(parent);
+        }
+    };
+
+    for s in src {
+        let d = dst_by.get(&s.path).copied();
+        let same_kind = matches!(
+            (d.map(|d| &d.kind), &s.kind),
+            (Some(Kind::Dir), Kind::Dir)
+                | (Some(Kind::File { .. }), Kind::File { .. })
+                | (Some(Kind::Symlink { .. }), Kind::Symlink { .. })
+        );
+        let d = match d {
+            Some(d) if !same_kind => {
+                deletes.push(Action::Delete {
+                    path: d.path.clone(),
+                    is_dir: d.is_dir(),
+                    recursive: d.is_dir(),
+                });
+                if d.is_dir() {
+                    gone.push(d.path.clone());
+                }
+                None
+            }
+            other => other,
+        };
+        let perms = d.is_some_and(|d| d.mode != s.mode);
+        let time = d.is_some_and(|d| d.mtime_ns != s.mtime_ns);
+        match (&s.kind, d) {
+            (Kind::Dir, None) => {
+                touch(&s.path, &mut touched_dirs);
+                touched_dirs.insert(s.path.clone());
+                creates.push(Action::Mkdir(s.clone()));
+            }
+            (Kind::Dir, Some(_)) => {
+                if perms || time {
+                    touched_dirs.insert(s.path.clone());
+                    creates.push(Action::Meta {
+                        entry: s.clone(),
+                        flags: Flags {
+                            time,
+                            perms,
+                            ..Flags::default()
+                        },
+                    });
+                }
+            }
+            (Kind::File { .. }, None) => {
+                touch(&s.path, &mut touched_dirs);
+                creates.push(Action::Transfer {
+                    entry: s.clone(),
+                    update: false,
+                    flags: Flags::default(),
+                });
+            }
+            (Kind::File { size }, Some(d)) => {
+                let size_differs = d.size() != *size;
+                let hash_differs = opts.checksum && s.hash != d.hash;
+                let send = if opts.size_only {
+                    size_differs
+                } else if opts.checksum {
+                    size_differs || hash_differs
+                } else {
+                    size_differs || time
+                };
+                let flags = Flags {
+                    checksum: hash_differs,
+                    size: size_differs,
+                    time,
+                    perms,
+                };
+                if send {
+                    touch(&s.path, &mut touched_dirs);
+                    creates.push(Action::Transfer {
+                        entry: s.clone(),
+                        update: true,
+                        flags,
+                    });
+                } else if perms || (time && !opts.size_only) {
+                    creates.push(Action::Meta {
+                        entry: s.clone(),
+                        flags,
+                    });
+                }
+            }
+            (Kind::Symlink { target }, d) => {
+                let same =
+                    matches!(d.map(|d| &d.kind), Some(Kind::Symlink { target: t }) if t == target);
+                if !same {
+                    touch(&s.path, &mut touched_dirs);
+                    creates.push(Action::Symlink {
+                        entry: s.clone(),
+                        new: d.is_none(),
+                    });
+                }
+            }
+        }
+    }
+
+    if opts.delete {
+        for d in dst.iter().rev() {
+            if src_paths.contains(&d.path) || d.path.is_root() {
+                continue;
+            }
+            if gone.iter().any(|g| d.path.starts_with(g)) {
+                continue;
+            }
+            touch(&d.path, &mut touched_dirs);
+            deletes.push(Action::Delete {
+                path: d.path.clone(),
+                is_dir: d.is_dir(),
+                recursive: false,
+            });
+        }
+    }
+    // Deepest first, so a directory is empty by the time it is removed.
+    deletes.sort_by_key(|a| match a {
+        Action::Delete { path, .. } => std::cmp::Reverse(path.depth()),
+        _ => std::cmp::Reverse(0),
+    });
+
+    let mut dir_meta: Vec<Entry> = src
+        .iter()
+        .filter(|e| e.is_dir() && touched_dirs.contains(&e.path))
+        .cloned()
+        .collect();
+    dir_meta.sort_by_key(|e| std::cmp::Reverse(e.path.depth()));
+
+    let mut actions = deletes;
+    actions.extend(creates);
+    Plan { actions, dir_meta }
+}
+
+/// The rsync `--itemize-changes` line for an action.
+pub fn itemize(a: &Action) -> String {
+    fn cols(f: &Flags) -> String {
+        format!(
+            "{}{}{}{}.....",
+            if f.checksum { 'c' } else { '.' },
+            if f.size { 's' } else { '.' },
+            if f.time { 't' } else { '.' },
+            if f.perms { 'p' } else { '.' },
+        )
+    }
+    fn name(e: &Entry) -> String {
+        match (&e.kind, e.path.is_root()) {
+            (Kind::Dir, true) => "./".to_string(),
+            (Kind::Dir, false) => format!("{}/", e.path),
+            _ => e.path.to_string(),
+        }
+    }
+    match a {
+        Action::Delete { path, is_dir, .. } => {
+            format!("*deleting   {path}{}", if *is_dir { "/" } else { "" })
+        }
+        Action::Mkdir(e) => format!("cd+++++++++ {}", name(e)),
+        Action::Transfer {
+            entry,
+            update: false,
+            ..
+        } => format!(">f+++++++++ {}", name(entry)),
+        Action::Transfer { entry, flags, .. } => format!(">f{} {}", cols(flags), name(entry)),
+        Action::Symlink { entry, new } => {
+            let target = match &entry.kind {
+                Kind::Symlink { target } => target.as_str(),
+                _ => "",
+            };
+            let cols = if *new { "+++++++++" } else { ".s......." };
+            format!("cL{cols} {} -> {target}", entry.path)
+        }
+        Action::Meta { entry, flags } => {
+            let t = if entry.is_dir() { 'd' } else { 'f' };
+            format!(".{t}{} {}", cols(flags), name(entry))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: Kind, mtime: i64) -> Entry {
+        Entry {
+            path: RelPath::parse(path).unwrap(),
+            kind,
+            mode: 0o644,
+            mtime_ns: mtime,
+            hash: None,
+        }
+    }
+    fn f(path: &str, size: u64, mtime: i64) -> Entry {
+        e(path, Kind::File { size }, mtime)
+    }
+    fn d(path: &str) -> Entry {
+        e(path, Kind::Dir, 1)
+    }
+    fn lines(p: &Plan) -> Vec<String> {
+        p.actions.iter().map(itemize).collect()
+    }
+
+    #[test]
+    fn new_tree_is_created_parents_first() {
+        let src = [
+            d("a"),
+            f("a/x", 3, 5),
+            e("a/l", Kind::Symlink { target: "x".into() }, 1),
+        ];
+        let p = plan(&src, &[], PlanOpts::default());
+        assert_eq!(
+            lines(&p),
+            ["cd+++++++++ a/", ">f+++++++++ a/x", "cL+++++++++ a/l -> x"]
+        );
+        assert_eq!(p.dir_meta.len(), 1);
+    }
+
+    #[test]
+    fn identical_trees_plan_nothing() {
+        let src = [d(""), d("a"), f("a/x", 3, 5)];
+        let p = plan(
+            &src,
+            &src,
+            PlanOpts {
+                delete: true,
+                ..PlanOpts::default()
+            },
+        );
+        assert!(p.actions.is_empty());
+        assert!(p.dir_meta.is_empty());
+    }
+
+    #[test]
+    fn quick_check_size_only_and_checksum() {
+        let src = [f("x", 3, 5)];
+        let dst = [f("x", 3, 6)];
+        assert_eq!(
+            lines(&plan(&src, &dst, PlanOpts::default())),
+            [">f..t...... x"]
+        );
+        let so = PlanOpts {
+            size_only: true,
+            ..PlanOpts::default()
+        };
+        assert!(plan(&src, &dst, so).actions.is_empty());
+        let mut s = f("x", 3, 5);
+        s.hash = Some([1; 32]);
+        let mut t = f("x", 3, 5);
+        t.hash = Some([2; 32]);
+        let c = PlanOpts {
+            checksum: true,
+            ..PlanOpts::default()
+        };
+        assert_eq!(lines(&plan(&[s], &[t], c)), [">fc........ x"]);
+        assert_eq!(
+            lines(&plan(&[f("x", 4, 5)], &[f("x", 3, 6)], PlanOpts::default())),
+            [">f.st...... x"]
+        );
+    }
+
+    #[test]
+    fn mode_only_change_is_metadata() {
+        let mut s = f("x", 3, 5);
+        s.mode = 0o755;
+        assert_eq!(
+            lines(&plan(&[s], &[f("x", 3, 5)], PlanOpts::default())),
+            [".f...p..... x"]
+        );
+    }
+
+    #[test]
+    fn delete_deepest_first_and_only_with_flag() {
+        let src = [d("")];
+        let dst = [d(""), d("old"), f("old/a", 1, 1), f("b", 1, 1)];
+        assert!(plan(&src, &dst, PlanOpts::default()).actions.is_empty());
+        let p = plan(
+            &src,
+            &dst,
+            PlanOpts {
+                delete: true,
+                ..PlanOpts::default()
+            },
+        );
+        assert_eq!(
+            lines(&p),
+            ["*deleting   old/a", "*deleting   b", "*deleting   old/"]
+        );
+        assert_eq!(p.dir_meta.len(), 1, "root mtime is restored");
+    }
+
+    #[test]
+    fn type_change_replaces_the_whole_subtree() {
+        let src = [d(""), f("x", 1, 1)];
+        let dst = [d(""), d("x"), f("x/inner", 1, 1)];
+        let p = plan(
+            &src,
+            &dst,
+            PlanOpts {
+                delete: true,
+                ..PlanOpts::default()
+            },
+        );
+        assert_eq!(lines(&p), ["*deleting   x/", ">f+++++++++ x"]);
+        assert!(matches!(
+            p.actions[0],
+            Action::Delete {
+                recursive: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn changed_symlink_is_replaced() {
+        let s = e("l", Kind::Symlink { target: "b".into() }, 1);
+        let t = e("l", Kind::Symlink { target: "a".into() }, 1);
+        assert_eq!(
+            lines(&plan(&[s], &[t], PlanOpts::default())),
+            ["cL.s....... l -> b"]
+        );
+    }
+}

@@ -1,0 +1,440 @@
+//! Writing into a sync root. Every path comes from the peer (or from a listing the peer sent), so
+//! each parent component under the root is checked with `lstat` to be a real directory, never a
+//! symlink, before anything is created; files are opened with `O_NOFOLLOW`; content lands in a
+//! `.vtun-tmp.*` file beside the target and is renamed over it only after its hash checks out.
+//! A temporary file is removed if its stream breaks off.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::mpsc;
+
+use super::delta;
+use super::endpoint::{Op, Piece, RecvReport};
+use super::tree::{self, RelPath};
+
+/// Check that every directory between `root` and `rel` is a real directory (not a symlink) and
+/// return the local path of `rel`.
+pub fn safe_path(root: &Path, rel: &RelPath) -> Result<PathBuf> {
+    let mut p = root.to_path_buf();
+    let comps: Vec<&str> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        if i + 1 < comps.len() {
+            p.push(c);
+            let m = std::fs::symlink_metadata(&p)
+                .with_context(|| format!("cannot stat {}", p.display()))?;
+            if !m.file_type().is_dir() {
+                bail!(
+                    "{} is not a directory (symlinks are not followed)",
+                    p.display()
+                );
+            }
+        } else {
+            p.push(c);
+        }
+    }
+    Ok(p)
+}
+
+/// A temporary file beside its target, removed unless committed.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    committed: bool,
+}
+
+impl TempFile {
+    fn create(target: &Path) -> Result<TempFile> {
+        let dir = target.parent().context("no parent directory")?;
+        let name = target
+            .file_name()
+            .context("no file name")?
+            .to_string_lossy()
+            .to_string();
+        let tmp = dir.join(format!(".vtun-tmp.{name}.{:016x}", rand::random::<u64>()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(TempFile {
+            path: tmp,
+            file,
+            committed: false,
+        })
+    }
+
+    /// Set metadata and rename over `target`.
+    fn commit(mut self, target: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
+            .context("cannot set mode")?;
+        set_mtime_nofollow(&self.path, mtime_ns)?;
+        std::fs::rename(&self.path, target)
+            .with_context(|| format!("cannot rename into {}", target.display()))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+struct InFlight {
+    rel: RelPath,
+    target: PathBuf,
+    tmp: TempFile,
+    delta: Option<Vec<u8>>,
+    hasher: blake3::Hasher,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+}
+
+pub fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport {
+    let mut report = RecvReport::default();
+    let mut cur: Option<InFlight> = None;
+    // After a failure, the rest of that file's pieces are dropped.
+    let mut skipping = false;
+    while let Some(piece) = input.blocking_recv() {
+        match piece {
+            Piece::Start {
+                path,
+                delta,
+                size,
+                mode,
+                mtime_ns,
+            } => {
+                if let Some(old) = cur.take() {
+                    report.failed.push((old.rel, "incomplete stream".into()));
+                }
+                skipping = false;
+                match begin(root, &path, delta, size, mode, mtime_ns) {
+                    Ok(f) => cur = Some(f),
+                    Err(e) => {
+                        report.failed.push((path, format!("{e:#}")));
+                        skipping = true;
+                    }
+                }
+            }
+            Piece::Data(bytes) => {
+                let Some(f) = cur.as_mut() else {
+                    if !skipping {
+                        report
+                            .failed
+                            .push((RelPath::root(), "data outside a file".into()));
+                        skipping = true;
+                    }
+                    continue;
+                };
+                let r = match &mut f.delta {
+                    // A delta is only sent when smaller than the file; more is a broken peer.
+                    Some(d) if (d.len() + bytes.len()) as u64 > f.size.saturating_add(1 << 16) => {
+                        Err(anyhow::anyhow!("delta larger than the file"))
+                    }
+                    Some(d) => {
+                        d.extend_from_slice(&bytes);
+                        Ok(())
+                    }
+                    None => {
+                        f.hasher.update(&bytes);
+                        f.tmp.file.write_all(&bytes).context("cannot write")
+                    }
+                };
+                if let Err(e) = r {
+                    if let Some(f) = cur.take() {
+                        report.failed.push((f.rel, format!("{e:#}")));
+                    }
+                    skipping = true;
+                }
+            }
+            Piece::End { hash } => {
+                let Some(f) = cur.take() else { continue };
+                let rel = f.rel.clone();
+                match finish(f, &hash) {
+                    Ok(n) => {
+                        report.files += 1;
+                        report.bytes += n;
+                    }
+                    Err(Mismatch(true)) => report.mismatched.push(rel),
+                    Err(Mismatch(false)) => {
+                        report.failed.push((rel, "content hash mismatch".into()))
+                    }
+                }
+            }
+            Piece::Skip { path, reason } => {
+                cur = None;
+                report.failed.push((path, reason));
+            }
+        }
+    }
+    if let Some(f) = cur {
+        report.failed.push((f.rel, "stream ended mid-file".into()));
+    }
+    report
+}
+
+fn begin(
+    root: &Path,
+    rel: &RelPath,
+    delta: bool,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+) -> Result<InFlight> {
+    if rel.is_root() {
+        bail!("refusing to write a file over the root");
+    }
+    let target = safe_path(root, rel)?;
+    let tmp = TempFile::create(&target)?;
+    Ok(InFlight {
+        rel: rel.clone(),
+        target,
+        tmp,
+        delta: delta.then(Vec::new),
+        hasher: blake3::Hasher::new(),
+        size,
+        mode,
+        mtime_ns,
+    })
+}
+
+/// `Mismatch(true)`: a delta that did not rebuild the sender's content (retry whole);
+/// `Mismatch(false)`: a failure a retry will not fix. Other errors are folded into the latter.
+struct Mismatch(bool);
+
+fn finish(mut f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Mismatch> {
+    let size = match f.delta.take() {
+        Some(d) => {
+            let rebuilt = tree::open_nofollow(&f.target)
+                .and_then(|mut b| {
+                    let mut base = Vec::new();
+                    b.read_to_end(&mut base).context("cannot read base")?;
+                    Ok(base)
+                })
+                .and_then(|base| delta::apply(&base, &d, f.size));
+            let Ok(data) = rebuilt else {
+                return Err(Mismatch(true));
+            };
+            if blake3::hash(&data).as_bytes() != hash {
+                return Err(Mismatch(true));
+            }
+            f.tmp.file.write_all(&data).map_err(|_| Mismatch(false))?;
+            data.len() as u64
+        }
+        None => {
+            if f.hasher.finalize().as_bytes() != hash {
+                return Err(Mismatch(false));
+            }
+            f.tmp.file.metadata().map(|m| m.len()).unwrap_or(0)
+        }
+    };
+    f.tmp.commit(&f.target, f.mode, f.mtime_ns).map_err(|e| {
+        tracing::warn!("{e:#}");
+        Mismatch(false)
+    })?;
+    Ok(size)
+}
+
+pub fn apply_op(root: &Path, op: &Op) -> Result<()> {
+    match op {
+        Op::MkRoot => match std::fs::create_dir(root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                Err(e).with_context(|| format!("cannot create {}", root.display()))
+            }
+            _ => Ok(()),
+        },
+        Op::Mkdir { path, mode } => {
+            let p = safe_path(root, path)?;
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {}
+                _ => std::fs::create_dir(&p)
+                    .with_context(|| format!("cannot create directory {}", p.display()))?,
+            }
+            // Writable by us until the final metadata pass sets the real mode.
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o700))
+                .with_context(|| format!("cannot chmod {}", p.display()))
+        }
+        Op::Symlink { path, target } => {
+            let p = safe_path(root, path)?;
+            let dir = p.parent().context("no parent")?;
+            let tmp = dir.join(format!(
+                ".vtun-tmp.{}.{:016x}",
+                path.name(),
+                rand::random::<u64>()
+            ));
+            std::os::unix::fs::symlink(target, &tmp)
+                .with_context(|| format!("cannot create symlink {}", p.display()))?;
+            std::fs::rename(&tmp, &p).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                anyhow::Error::from(e).context(format!("cannot create symlink {}", p.display()))
+            })
+        }
+        Op::Delete { path, recursive } => {
+            if path.is_root() {
+                bail!("refusing to delete the root");
+            }
+            let p = safe_path(root, path)?;
+            let m = match std::fs::symlink_metadata(&p) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e).with_context(|| format!("cannot stat {}", p.display())),
+            };
+            let r = if !m.is_dir() {
+                std::fs::remove_file(&p)
+            } else if *recursive {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_dir(&p)
+            };
+            match r {
+                // It still holds excluded entries, which --delete keeps (as rsync does).
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !*recursive => {
+                    tracing::info!("keeping non-empty directory {}", p.display());
+                    Ok(())
+                }
+                r => r.with_context(|| format!("cannot delete {}", p.display())),
+            }
+        }
+        Op::SetMeta {
+            path,
+            mode,
+            mtime_ns,
+        } => {
+            let p = if path.is_root() {
+                root.to_path_buf()
+            } else {
+                safe_path(root, path)?
+            };
+            let m = std::fs::symlink_metadata(&p)
+                .with_context(|| format!("cannot stat {}", p.display()))?;
+            if let (Some(mode), false) = (mode, m.file_type().is_symlink()) {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o7777))
+                    .with_context(|| format!("cannot chmod {}", p.display()))?;
+            }
+            if let Some(t) = mtime_ns {
+                set_mtime_nofollow(&p, *t)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Set a path's mtime (not a symlink's target's).
+fn set_mtime_nofollow(path: &Path, mtime_ns: i64) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("path contains NUL")?;
+    // SAFETY: timespec is plain data; zeroed is a valid value we then fill in.
+    let mut times: [libc::timespec; 2] = unsafe { std::mem::zeroed() };
+    times[0].tv_nsec = libc::UTIME_OMIT;
+    times[1].tv_sec = mtime_ns.div_euclid(1_000_000_000) as libc::time_t;
+    times[1].tv_nsec = mtime_ns.rem_euclid(1_000_000_000) as _;
+    // SAFETY: `c` is a valid NUL-terminated string and `times` holds two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot set mtime of {}", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_refuse_symlinked_parents() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
+        let rel = RelPath::parse("link/x").unwrap();
+        assert!(safe_path(d.path(), &rel).is_err());
+        assert!(apply_op(
+            d.path(),
+            &Op::Mkdir {
+                path: rel.clone(),
+                mode: 0o755
+            }
+        )
+        .is_err());
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Piece::Start {
+            path: rel,
+            delta: false,
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 0,
+        })
+        .unwrap();
+        tx.try_send(Piece::Data(b"x".to_vec())).unwrap();
+        tx.try_send(Piece::End {
+            hash: *blake3::hash(b"x").as_bytes(),
+        })
+        .unwrap();
+        drop(tx);
+        let r = receive_all(d.path(), rx);
+        assert_eq!(r.files, 0);
+        assert_eq!(r.failed.len(), 1);
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn broken_stream_leaves_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"old").unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Piece::Start {
+            path: RelPath::parse("f").unwrap(),
+            delta: false,
+            size: 6,
+            mode: 0o644,
+            mtime_ns: 0,
+        })
+        .unwrap();
+        tx.try_send(Piece::Data(b"new".to_vec())).unwrap();
+        drop(tx);
+        let r = receive_all(d.path(), rx);
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn wrong_hash_is_not_renamed_into_place() {
+        let d = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Piece::Start {
+            path: RelPath::parse("f").unwrap(),
+            delta: false,
+            size: 3,
+            mode: 0o644,
+            mtime_ns: 0,
+        })
+        .unwrap();
+        tx.try_send(Piece::Data(b"abc".to_vec())).unwrap();
+        tx.try_send(Piece::End { hash: [0; 32] }).unwrap();
+        drop(tx);
+        let r = receive_all(d.path(), rx);
+        assert_eq!(r.failed.len(), 1);
+        assert!(!d.path().join("f").exists());
+    }
+}

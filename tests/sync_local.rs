@@ -1,0 +1,600 @@
+//! `vtun sync` end to end on one machine: the "remote" side is the real `vtun agent` binary run
+//! as a local process through [`LocalConnector`]-style openers, on local paths. Openers here can
+//! prefix the remote command (shell noise, a different PATH or HOME) or cut the stream, to
+//! exercise discovery, upload and failure handling without a network.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Once};
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use vtun::cli::{Cli, Command};
+use vtun::remote::{Connector, Opener, RemoteIo, Subprocess};
+use vtun::settings::Settings;
+use vtun::target::Host;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vtun"))
+}
+
+fn init() {
+    static ONCE: Once = Once::new();
+    // Uploads send the vtun binary, not this test executable (a documented testing aid).
+    ONCE.call_once(|| std::env::set_var("VTUN_AGENT_BINARY", bin()));
+}
+
+/// A "remote" host that is this machine, with `prefix` run before every remote command.
+struct Local {
+    prefix: String,
+    /// Cut the stream after this many bytes were written to the remote.
+    cut_after: Option<usize>,
+}
+
+impl Local {
+    /// `vtun` found on the remote PATH.
+    fn on_path() -> Local {
+        let dir = bin().parent().unwrap().to_path_buf();
+        Local {
+            prefix: format!("PATH='{}':\"$PATH\"; export PATH; ", dir.display()),
+            cut_after: None,
+        }
+    }
+}
+
+struct LocalOpener {
+    inner: Subprocess,
+    prefix: String,
+    cut_after: Option<usize>,
+}
+
+impl Opener for LocalOpener {
+    fn sftp(&self) -> BoxFuture<'_, anyhow::Result<Box<dyn RemoteIo>>> {
+        self.inner.sftp()
+    }
+    fn exec(&self, command: &str) -> BoxFuture<'_, anyhow::Result<Box<dyn RemoteIo>>> {
+        let cmd = format!("{}{command}", self.prefix);
+        Box::pin(async move {
+            let io = self.inner.exec(&cmd).await?;
+            Ok(match self.cut_after {
+                Some(n) => Box::new(Cut { io, left: n }) as Box<dyn RemoteIo>,
+                None => io,
+            })
+        })
+    }
+    fn name(&self) -> &str {
+        "local"
+    }
+}
+
+impl Connector for Local {
+    fn connect<'a>(&'a self, _host: &'a Host) -> BoxFuture<'a, anyhow::Result<Arc<dyn Opener>>> {
+        Box::pin(async move {
+            let o: Arc<dyn Opener> = Arc::new(LocalOpener {
+                inner: Subprocess::new()?,
+                prefix: self.prefix.clone(),
+                cut_after: self.cut_after,
+            });
+            Ok(o)
+        })
+    }
+}
+
+/// A stream that fails every write once `left` bytes have gone through: a dropped connection.
+struct Cut {
+    io: Box<dyn RemoteIo>,
+    left: usize,
+}
+
+impl AsyncRead for Cut {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Cut {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.left == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        let n = buf.len().min(self.left);
+        let r = Pin::new(&mut self.io).poll_write(cx, &buf[..n]);
+        if let Poll::Ready(Ok(k)) = r {
+            self.left -= k;
+            if self.left == 0 {
+                // Close our side, as a dead connection would.
+                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+            }
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Run `vtun sync ARGS…` in-process; returns stdout lines.
+fn sync_with(conn: &dyn Connector, args: &[&str]) -> anyhow::Result<Vec<String>> {
+    init();
+    let mut argv = vec!["vtun", "sync"];
+    argv.extend_from_slice(args);
+    let cli = <Cli as clap::Parser>::try_parse_from(&argv).unwrap();
+    let Command::Sync(a) = cli.command else {
+        panic!("not a sync command")
+    };
+    let settings = Settings::from_args(&cli.global, &[]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut out = Vec::new();
+    rt.block_on(vtun::sync::run_sync(&settings, &a, conn, &mut out))?;
+    Ok(String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+fn sync(args: &[&str]) -> Vec<String> {
+    sync_with(&Local::on_path(), args).unwrap()
+}
+
+fn remote(p: &Path) -> String {
+    format!("vm:{}", p.display())
+}
+
+fn slash(p: &Path) -> String {
+    format!("{}/", p.display())
+}
+
+/// Everything a sync preserves, by relative path: kind, mode, mtime, content hash or target.
+fn digest(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let mut items: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        items.sort_by_key(|e| e.file_name());
+        for e in items {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!(
+                    "link {} {}.{}",
+                    std::fs::read_link(&p).unwrap().display(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                )
+            } else if m.is_dir() {
+                walk(root, &p, out);
+                format!(
+                    "dir {:o} {}.{}",
+                    m.permissions().mode() & 0o7777,
+                    m.mtime(),
+                    m.mtime_nsec()
+                )
+            } else {
+                format!(
+                    "file {:o} {}.{} {}",
+                    m.permissions().mode() & 0o7777,
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    blake3::hash(&std::fs::read(&p).unwrap()).to_hex()
+                )
+            };
+            out.insert(rel, what);
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+fn write(p: &Path, data: &[u8]) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+fn set_mtime(p: &Path, secs: u64) {
+    let f = std::fs::File::options().write(true).open(p).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::new(secs, 123_456_789))
+        .unwrap();
+}
+
+/// A small tree with nested dirs, modes, old mtimes and symlinks.
+fn fixture(root: &Path) {
+    write(&root.join("a.txt"), b"alpha");
+    write(&root.join("bin/run.sh"), b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(
+        root.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    write(&root.join("deep/er/still/x.bin"), &vec![7u8; 100_000]);
+    write(&root.join("empty"), b"");
+    std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/abs", root.join("dangling")).unwrap();
+    set_mtime(&root.join("a.txt"), 1_000_000_000);
+    set_mtime(&root.join("deep/er/still/x.bin"), 1_100_000_000);
+}
+
+#[test]
+fn every_direction_preserves_metadata_and_reruns_are_no_ops() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fixture(&src);
+    let want = digest(&src);
+    let cases = [
+        ("local→remote", slash(&src), remote(&t.path().join("d1"))),
+        (
+            "remote→local",
+            format!("vm:{}/", t.path().join("d1").display()),
+            t.path().join("d2").display().to_string(),
+        ),
+        (
+            "remote→remote",
+            format!("vm:{}/", t.path().join("d2").display()),
+            remote(&t.path().join("d3")),
+        ),
+        (
+            "local→local",
+            slash(&t.path().join("d3")),
+            t.path().join("d4").display().to_string(),
+        ),
+    ];
+    for (i, (what, from, to)) in cases.iter().enumerate() {
+        let lines = sync(&["-i", from, to]);
+        assert!(
+            lines.iter().any(|l| l == ">f+++++++++ a.txt"),
+            "{what}: {lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l == "cL+++++++++ link -> a.txt"),
+            "{what}: {lines:?}"
+        );
+        let dst = t.path().join(format!("d{}", i + 1));
+        assert_eq!(digest(&dst), want, "{what}");
+        assert_eq!(
+            sync(&["-i", from, to]),
+            Vec::<String>::new(),
+            "{what} re-run"
+        );
+    }
+}
+
+#[test]
+fn trailing_slash_decides_between_contents_and_the_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fixture(&src);
+    sync(&[&src.display().to_string(), &remote(&t.path().join("named"))]);
+    assert_eq!(digest(&t.path().join("named/src")), digest(&src));
+    assert!(!t.path().join("named/a.txt").exists());
+    sync(&[&slash(&src), &remote(&t.path().join("contents"))]);
+    assert_eq!(digest(&t.path().join("contents")), digest(&src));
+    // A single file into a directory.
+    sync(&[
+        &src.join("a.txt").display().to_string(),
+        &remote(&t.path().join("one")),
+    ]);
+    assert_eq!(std::fs::read(t.path().join("one/a.txt")).unwrap(), b"alpha");
+}
+
+#[test]
+fn delete_respects_excludes_unless_delete_excluded() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("keep"), b"k");
+    write(&dst.join("stale/file"), b"s");
+    write(&dst.join("log.tmp"), b"excluded");
+    let (s, d) = (slash(&src), remote(&dst));
+    sync(&[&s, &d]);
+    assert!(
+        dst.join("stale/file").exists(),
+        "no --delete, nothing deleted"
+    );
+    let lines = sync(&["-i", "--delete", "--exclude", "*.tmp", &s, &d]);
+    assert!(
+        lines.contains(&"*deleting   stale/".to_string()),
+        "{lines:?}"
+    );
+    assert!(!dst.join("stale").exists());
+    assert!(dst.join("log.tmp").exists(), "excluded entries are kept");
+    // A directory that only holds excluded entries is kept, as rsync does, without failing.
+    write(&dst.join("old/x.tmp"), b"kept");
+    write(&dst.join("old/y"), b"goes");
+    sync(&["--delete", "--exclude", "*.tmp", &s, &d]);
+    assert!(dst.join("old/x.tmp").exists());
+    assert!(!dst.join("old/y").exists());
+    sync(&["--delete-excluded", "--exclude", "*.tmp", &s, &d]);
+    assert!(!dst.join("old").exists());
+    assert!(!dst.join("log.tmp").exists());
+    assert!(dst.join("keep").exists());
+}
+
+#[test]
+fn each_pattern_rule_applies_end_to_end() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    for f in [
+        "top.txt",
+        "sub/top.txt",
+        "a.o",
+        "sub/b.o",
+        "cache/x",
+        "sub/cache",
+        "logs/a/b.log",
+        "keep/logs.txt",
+        "file1",
+        "file22",
+        "node_modules/m/i.js",
+    ] {
+        write(&src.join(f), b"x");
+    }
+    let from = t.path().join("excl");
+    std::fs::write(&from, "# comment\nnode_modules\n- file?\n").unwrap();
+    let dst = t.path().join("d");
+    sync(&[
+        "--exclude",
+        "/top.txt",
+        "--exclude",
+        "*.o",
+        "--exclude",
+        "cache/",
+        "--exclude",
+        "logs/**",
+        "--exclude-from",
+        &from.display().to_string(),
+        &slash(&src),
+        &remote(&dst),
+    ]);
+    let got: Vec<String> = digest(&dst)
+        .into_iter()
+        .filter(|(_, v)| v.starts_with("file"))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        got,
+        ["file22", "keep/logs.txt", "sub/cache", "sub/top.txt"],
+        "anchored /top.txt, *.o at any depth, cache/ dirs only, logs/** contents, exclude-from"
+    );
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    fixture(&src);
+    write(&dst.join("extra"), b"e");
+    write(&dst.join("a.txt"), b"old");
+    let before = digest(&dst);
+    let lines = sync(&["-n", "--delete", &slash(&src), &remote(&dst)]);
+    assert!(
+        lines.contains(&"*deleting   extra".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&">f.st...... a.txt".to_string()),
+        "{lines:?}"
+    );
+    assert_eq!(digest(&dst), before);
+}
+
+#[test]
+fn small_change_in_a_large_file_goes_as_a_delta() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    let mut data: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    write(&src.join("big"), &data);
+    sync(&[&slash(&src), &remote(&dst)]);
+    data[2_000_000..2_000_008].copy_from_slice(b"CHANGED!");
+    data.splice(10..10, *b"inserted at the start");
+    data.extend_from_slice(b"and at the end");
+    write(&src.join("big"), &data);
+    let lines = sync(&["-i", "--json", &slash(&src), &remote(&dst)]);
+    assert_eq!(std::fs::read(dst.join("big")).unwrap(), data);
+    let j: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(j["files"], 1);
+    let wire = j["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        wire < 200_000,
+        "sent {wire} bytes for a 4 MB file with 3 small edits"
+    );
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+#[test]
+fn shell_noise_before_the_agent_is_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    fixture(&src);
+    let mut conn = Local::on_path();
+    conn.prefix = format!(
+        "printf 'Welcome!\\n\\000vtun-agent garbage \\033[1m\\n'; echo motd >&2; {}",
+        conn.prefix
+    );
+    sync_with(&conn, &[&slash(&src), &remote(&dst)]).unwrap();
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+#[test]
+fn agent_is_uploaded_when_missing_then_reused() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    fixture(&src);
+    let conn = Local {
+        prefix: format!(
+            "HOME='{}'; PATH=/usr/bin:/bin; export HOME PATH; ",
+            home.display()
+        ),
+        cut_after: None,
+    };
+    sync_with(&conn, &[&slash(&src), &remote(&dst)]).unwrap();
+    let cached = home.join(format!(".cache/vtun/agent-{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        std::fs::read(bin()).unwrap()
+    );
+    assert_eq!(digest(&dst), digest(&src));
+    // Second time the cached agent is used (a changed file proves it still works).
+    write(&src.join("a.txt"), b"changed");
+    let lines = sync_with(&conn, &["-i", &slash(&src), &remote(&dst)]).unwrap();
+    assert_eq!(lines, [">f.st...... a.txt"]);
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+#[test]
+fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    for i in 0..6 {
+        write(&src.join(format!("f{i}")), &vec![i as u8; 700_000]);
+    }
+    write(&dst.join("f3"), b"old content");
+    let mut conn = Local::on_path();
+    conn.cut_after = Some(2_500_000);
+    assert!(sync_with(&conn, &[&slash(&src), &remote(&dst)]).is_err());
+    // Let the agent notice the cut and clean up.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for i in 0..6 {
+        let name = format!("f{i}");
+        if let Ok(got) = std::fs::read(dst.join(&name)) {
+            let whole = std::fs::read(src.join(&name)).unwrap();
+            assert!(
+                got == whole || (name == "f3" && got == b"old content"),
+                "{name} truncated"
+            );
+        }
+    }
+    sync(&[&slash(&src), &remote(&dst)]);
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+#[test]
+fn crafted_listing_with_dotdot_is_refused() {
+    use vtun::sync::protocol::{hello, Msg};
+    use vtun::sync::tree::{Entry, Kind, Listing, RelPath};
+    init();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        // A fake agent that answers any listing with an entry named "..".
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            theirs.write_all(b"noise\n").await.unwrap();
+            theirs.write_all(&hello()).await.unwrap();
+            let mut h = [0u8; 16];
+            theirs.read_exact(&mut h).await.unwrap();
+            let entry = Entry {
+                path: RelPath::parse("ab").unwrap(),
+                kind: Kind::File { size: 1 },
+                mode: 0o644,
+                mtime_ns: 0,
+                hash: None,
+            };
+            let (tag, mut body) = Msg::Listing(Listing {
+                root_exists: true,
+                entries: vec![entry],
+            })
+            .encode();
+            let at = body.windows(2).position(|w| w == b"ab").unwrap();
+            body[at..at + 2].copy_from_slice(b"..");
+            loop {
+                let Ok(m) = vtun::sync::protocol::read_msg(&mut theirs).await else {
+                    return;
+                };
+                match m {
+                    Some((Msg::List(_), _)) => {
+                        theirs
+                            .write_all(&(body.len() as u32 + 1).to_le_bytes())
+                            .await
+                            .unwrap();
+                        theirs.write_all(&[tag]).await.unwrap();
+                        theirs.write_all(&body).await.unwrap();
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        });
+        let mut ep = vtun::sync::remote::AgentEndpoint::over(Box::new(ours), "/tmp")
+            .await
+            .unwrap();
+        use vtun::sync::endpoint::Endpoint;
+        let err = ep.list(Default::default()).await.unwrap_err();
+        assert!(format!("{err:#}").contains("unsafe path"), "{err:#}");
+    });
+}
+
+#[test]
+fn checksum_catches_same_size_same_mtime_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("f"), b"aaaa");
+    set_mtime(&src.join("f"), 1_200_000_000);
+    let (s, d) = (slash(&src), remote(&dst));
+    sync(&[&s, &d]);
+    // Same size, same mtime, different content: the quick check cannot see it.
+    write(&dst.join("f"), b"bbbb");
+    set_mtime(&dst.join("f"), 1_200_000_000);
+    assert_eq!(sync(&["-i", &s, &d]), Vec::<String>::new());
+    assert_eq!(sync(&["-i", "--size-only", &s, &d]), Vec::<String>::new());
+    assert_eq!(sync(&["-i", "-c", &s, &d]), [">fc........ f"]);
+    assert_eq!(std::fs::read(dst.join("f")).unwrap(), b"aaaa");
+}
+
+#[test]
+fn symlinks_in_the_destination_are_replaced_not_followed() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, outside) = (t.path().join("s"), t.path().join("d"), t.path().join("out"));
+    write(&src.join("sub/file"), b"data");
+    write(&src.join("plain"), b"p");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("sub")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), dst.join("plain")).unwrap();
+    sync(&[&slash(&src), &remote(&dst)]);
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote through a link"
+    );
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+#[test]
+fn big_sync_spreads_over_parallel_agents() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    for i in 0..12u32 {
+        let data: Vec<u8> = (0..1_000_000u32)
+            .map(|j| (j ^ i).wrapping_mul(31) as u8)
+            .collect();
+        write(&src.join(format!("dir{}/f{i}", i % 3)), &data);
+    }
+    let (d1, d2) = (t.path().join("d1"), t.path().join("d2"));
+    let lines = sync(&["--json", &slash(&src), &remote(&d1)]);
+    let j: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(j["files"], 12);
+    assert_eq!(digest(&d1), digest(&src));
+    sync(&[&format!("vm:{}/", d1.display()), &remote(&d2)]);
+    assert_eq!(digest(&d2), digest(&src));
+}
