@@ -101,3 +101,302 @@ fn sixty_four_mib_through_cat_is_byte_identical() {
     assert_eq!(out.stdout.len(), data.len());
     assert_eq!(hash(&out.stdout), hash(&data));
 }
+
+#[test]
+fn ssh_dash_t_allocates_a_pty() {
+    let bed = TestBed::builder().vm("a").start();
+    let mut cmd = bed.vtun();
+    cmd.args(["ssh", "-t", "a", "tty"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    out.assert_ok();
+    assert!(
+        out.stdout_str().contains("/dev/pts/"),
+        "{}",
+        out.stdout_str()
+    );
+
+    // Without -t (and stdin not a terminal) there is no PTY, as with ssh.
+    let mut cmd = bed.vtun();
+    cmd.args(["ssh", "a", "tty"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert!(
+        out.stdout_str().contains("not a tty"),
+        "{}",
+        out.stdout_str()
+    );
+}
+
+/// A tmux session playing the user at a terminal: `vtun ssh a`, type, resize, exit.
+struct Tmux {
+    sock: std::path::PathBuf,
+}
+
+impl Tmux {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.arg("-S").arg(&self.sock).arg("-f").arg("/dev/null");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Wait until the pane shows `text`.
+    fn wait_for(&self, text: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.run(&["capture-pane", "-p", "-t", "t"]);
+            if screen.contains(text) {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "pane never showed {text:?}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").output();
+    }
+}
+
+#[test]
+fn interactive_shell_in_tmux_follows_resizes_and_restores_the_terminal() {
+    let bed = TestBed::builder().vm("a").start();
+    let dir = bed.dir("tmux");
+    let stty_after = dir.join("stty-after");
+    let script = dir.join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "{vtun} ssh a\nstty -a > {after}\necho VTUN-EXITED\nsleep 60\n",
+            vtun = vtun_bin().display(),
+            after = stty_after.display()
+        ),
+    )
+    .expect("script");
+    let tmux = Tmux {
+        sock: dir.join("sock"),
+    };
+    let mut start = bed.command("tmux");
+    start
+        .arg("-S")
+        .arg(&tmux.sock)
+        .args(["-f", "/dev/null", "new-session", "-d", "-s", "t"])
+        .args(["-x", "100", "-y", "30"])
+        .arg(format!("sh {}", script.display()))
+        .env("TERM", "xterm-256color")
+        .env("VTUN_IDENTITY", &bed.user_key);
+    assert!(start.status().expect("tmux").success());
+
+    tmux.run(&["send-keys", "-t", "t", "echo RESULT-$((6*7))", "Enter"]);
+    tmux.wait_for("RESULT-42");
+    tmux.run(&["send-keys", "-t", "t", "stty size; echo SIZE-DONE", "Enter"]);
+    tmux.wait_for("30 100");
+    tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+    tmux.wait_for("40 120");
+    tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
+    tmux.wait_for("VTUN-EXITED");
+    let after = read(&stty_after);
+    assert!(
+        after.contains(" icanon") && after.contains(" echo "),
+        "terminal left in raw mode: {after}"
+    );
+}
+
+#[test]
+fn host_key_is_pinned_then_a_changed_key_is_refused() {
+    let mut bed = TestBed::builder().vm("a").start();
+    exec(&bed, "a", &["true"]).assert_ok();
+    let pinned = read(&bed.known_hosts);
+    assert!(
+        pinned.starts_with("[a.vm.test]:443 ssh-ed25519 "),
+        "{pinned}"
+    );
+    exec(&bed, "a", &["true"]).assert_ok();
+
+    bed.vm_mut("a").rotate_host_key();
+    let out = exec(&bed, "a", &["echo", "should-not-run"]);
+    assert_eq!(out.code(), 255, "stderr: {}", out.stderr);
+    assert!(out.stdout.is_empty());
+    let err = out.stderr.trim();
+    assert!(
+        err.starts_with("vtun: host key for [a.vm.test]:443 has changed"),
+        "{err}"
+    );
+    assert_eq!(err.matches("SHA256:").count(), 2, "{err}");
+    assert!(
+        err.contains(&format!("line 1 of {}", bed.known_hosts.display())),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // --host-key-check yes refuses hosts it does not know.
+    let mut cmd = bed.vtun();
+    cmd.args(["--host-key-check", "yes", "--known-hosts"])
+        .arg(bed.root.join("empty_known_hosts"))
+        .args(["exec", "a", "--", "true"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 255);
+    assert!(out.stderr.contains("not in"), "{}", out.stderr);
+}
+
+#[test]
+fn agent_keys_authenticate() {
+    let bed = TestBed::builder().vm("a").start();
+    let sock = bed.root.join("agent.sock");
+    let mut agent = bed
+        .command("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    let start = Instant::now();
+    while !sock.exists() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added = bed
+        .command("ssh-add")
+        .arg(&bed.user_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(Stdio::null())
+        .status()
+        .expect("ssh-add");
+    assert!(added.success());
+
+    let mut cmd = bed.vtun_bare();
+    cmd.args(["exec", "a", "--", "echo", "via-agent"])
+        .env("SSH_AUTH_SOCK", &sock);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "via-agent\n");
+}
+
+#[test]
+fn a_wrong_or_locked_key_gives_one_clear_auth_error() {
+    let bed = TestBed::builder().vm("a").start();
+    let wrong = bed.root.join("wrong_key");
+    keygen(&wrong, "ed25519");
+    let locked = bed.root.join("locked_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "secret phrase", "-f"])
+        .arg(&locked)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+
+    // setsid: no controlling terminal, so the passphrase cannot be asked for.
+    let mut cmd = bed.command("setsid");
+    cmd.arg(vtun_bin()).args(["exec", "a", "--", "true"]).env(
+        "VTUN_IDENTITY",
+        format!("{}:{}", wrong.display(), locked.display()),
+    );
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 255, "stderr: {}", out.stderr);
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("vtun: permission denied for "), "{err}");
+    assert!(
+        err.contains(&format!("{} (refused)", wrong.display())),
+        "{err}"
+    );
+    assert!(err.contains("encrypted"), "{err}");
+}
+
+#[test]
+fn boot_wait_retries_until_sshd_is_up_and_gives_up_after_wait() {
+    let mut bed = TestBed::builder()
+        .deferred_vm("late")
+        .deferred_vm("never")
+        .start();
+
+    let mut cmd = bed.vtun();
+    cmd.args(["--wait", "2", "exec", "never", "--", "true"]);
+    let start = Instant::now();
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    let took = start.elapsed();
+    assert_eq!(out.code(), 255, "stderr: {}", out.stderr);
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert!(
+        out.stderr.contains("waiting for never.vm.test"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("gave up after waiting"),
+        "{}",
+        out.stderr
+    );
+
+    let mut cmd = bed.vtun();
+    cmd.args(["--wait", "20", "exec", "late", "--", "echo", "booted"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn");
+    std::thread::sleep(Duration::from_secs(3));
+    bed.start_vm("late");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "booted\n");
+    assert_eq!(
+        stderr.matches("waiting for late.vm.test").count(),
+        1,
+        "announced once: {stderr}"
+    );
+}
+
+#[test]
+fn keepalive_survives_an_idle_cut_and_notices_a_stalled_link() {
+    let bed = TestBed::builder()
+        .vm("a")
+        .fault("a")
+        .idle_timeout(1.5)
+        .start();
+
+    // Quiet for 3 s behind an edge that cuts after 1.5 s idle: keepalives keep it open.
+    let mut cmd = bed.vtun();
+    cmd.env("VTUN_KEEPALIVE_SECS", "0.5")
+        .args(["exec", "a", "--sh", "--", "sleep 3; echo alive"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "alive\n");
+
+    // The link stalls (no bytes either way, socket open): noticed after 6 missed keepalives.
+    let mut cmd = bed.vtun();
+    cmd.env("VTUN_KEEPALIVE_SECS", "0.3")
+        .args(["exec", "a-fault", "--sh", "--", "echo started; sleep 30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("started");
+    bed.fault("a").arm(Fault::StallAfter(0));
+    let start = Instant::now();
+    let out = child.wait_with_output().expect("wait");
+    bed.fault("a").release();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "stderr: {stderr}");
+    assert!(stderr.contains("connection lost"), "{stderr}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
