@@ -377,6 +377,14 @@ fn keepalive_survives_an_idle_cut_and_notices_a_stalled_link() {
     let out = run_with_timeout(&mut cmd, LIMIT);
     out.assert_ok();
     assert_eq!(out.stdout_str(), "alive\n");
+    // Without them the same command is cut: exit 255, never 0.
+    let mut cmd = bed.vtun();
+    cmd.env("VTUN_KEEPALIVE_SECS", "30")
+        .args(["exec", "a", "--sh", "--", "sleep 3; echo alive"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 255, "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("connection lost"), "{}", out.stderr);
+    eprintln!("idle cut: {}", out.stderr);
 
     // The link stalls (no bytes either way, socket open): noticed after 6 missed keepalives.
     let mut cmd = bed.vtun();
@@ -399,4 +407,37 @@ fn keepalive_survives_an_idle_cut_and_notices_a_stalled_link() {
         "{:?}",
         start.elapsed()
     );
+}
+
+/// sshd refuses the "signal" request for root logins (no privilege separation), which is what
+/// the bed and Vers VMs use; closing the channel is what ends a command that writes output.
+#[test]
+fn ctrl_c_ends_the_remote_command_and_exits_130() {
+    let bed = TestBed::builder().vm("a").start();
+    let marker = format!("vtun-ctrl-c-{}", std::process::id());
+    let mut cmd = bed.vtun();
+    cmd.args(["exec", "a", "--sh", "--"])
+        .arg(format!("while :; do echo {marker}; sleep 0.1; done"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("started");
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status();
+    assert!(sent.expect("kill").success());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130));
+    let start = Instant::now();
+    loop {
+        let alive = Command::new("pgrep").args(["-f", &marker]).output();
+        if !alive.expect("pgrep").status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "remote command still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

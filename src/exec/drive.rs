@@ -16,6 +16,9 @@ use super::tty;
 use crate::error::Failure;
 use crate::ssh::{Session, SshError};
 
+/// How long Ctrl-C waits for the server to confirm the channel is closed.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A PTY to request.
 pub struct Pty {
     pub term: String,
@@ -111,14 +114,14 @@ pub async fn drive(session: &Session, req: Request) -> Result<u8> {
                 Some(_) => {}
             },
             _ = &mut ctrl_c => {
-                // Ends the remote command the way ssh's ~. does not: politely, then firmly.
+                // End the remote command: SIGINT to it, then close the channel. sshd refuses
+                // signals for root logins (no privilege separation); the close still ends a
+                // command at its next write, as it would end under ssh.
                 let _ = wr.signal(Sig::INT).await;
                 let _ = wr.close().await;
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_millis(500),
-                    session.close(),
-                )
-                .await;
+                // Wait (briefly) for the server's close, which also proves both went out.
+                let closed = async { while rd.wait().await.is_some() {} };
+                let _ = tokio::time::timeout(CLOSE_WAIT, closed).await;
                 return Err(Failure::Interrupted.into());
             }
             Some(()) = winched => {
