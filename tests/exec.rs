@@ -441,3 +441,69 @@ fn ctrl_c_ends_the_remote_command_and_exits_130() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// What cp and sync rely on: one session, many channels moving data at the same time.
+#[test]
+fn one_session_carries_many_channels_at_once() {
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vtun::remote::Connector;
+
+    let bed = TestBed::builder().vm("a").start();
+    let gateway = bed.gateway_addr.to_string();
+    let cli = vtun::cli::Cli::try_parse_from([
+        "vtun",
+        "--connect",
+        &gateway,
+        "--ca-file",
+        &bed.ca_file.display().to_string(),
+        "--domain",
+        DOMAIN,
+        "--known-hosts",
+        &bed.known_hosts.display().to_string(),
+        "-l",
+        &bed.user,
+        "proxy",
+        "unused",
+    ])
+    .expect("cli");
+    let settings = vtun::settings::Settings::from_args(&cli.global, &[bed.user_key.clone()])
+        .expect("settings");
+    let host = settings.host("a").expect("host");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let opener = vtun::ssh::SshConnector::new(settings)
+            .connect(&host)
+            .await
+            .expect("connect");
+        let streams = (0..6u64).map(|i| {
+            let opener = opener.clone();
+            async move {
+                let io = opener.exec("cat").await.expect("exec");
+                let data = random_bytes(8 << 20, i);
+                let (mut r, mut w) = tokio::io::split(io);
+                let send = async {
+                    w.write_all(&data).await.expect("write");
+                    w.shutdown().await.expect("eof");
+                };
+                let recv = async {
+                    let mut got = Vec::new();
+                    r.read_to_end(&mut got).await.expect("read");
+                    got
+                };
+                let ((), got) = tokio::join!(send, recv);
+                assert_eq!(hash(&got), hash(&data), "channel {i}");
+            }
+        });
+        futures::future::join_all(streams).await;
+
+        // The SFTP subsystem answers SSH_FXP_INIT with SSH_FXP_VERSION.
+        let mut sftp = opener.sftp().await.expect("sftp");
+        sftp.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3])
+            .await
+            .expect("init");
+        let mut head = [0u8; 5];
+        sftp.read_exact(&mut head).await.expect("version");
+        assert_eq!(head[4], 2, "SSH_FXP_VERSION");
+    });
+}
