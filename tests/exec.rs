@@ -507,3 +507,25 @@ fn one_session_carries_many_channels_at_once() {
         assert_eq!(head[4], 2, "SSH_FXP_VERSION");
     });
 }
+
+#[test]
+fn vers_cached_key_and_default_ssh_keys_authenticate() {
+    let bed = TestBed::builder().vm("a").start();
+    let cache = bed.root.join("tmp").join("vers-ssh-keys");
+    std::fs::create_dir_all(&cache).expect("mkdir");
+    let cached = cache.join("a.key");
+    std::fs::copy(&bed.user_key, &cached).expect("copy");
+    let mut cmd = bed.vtun_bare();
+    cmd.args(["exec", "a", "--", "echo", "cached"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "cached\n");
+
+    std::fs::remove_file(&cached).expect("rm");
+    std::fs::copy(&bed.user_key, bed.home.join(".ssh").join("id_ed25519")).expect("copy");
+    let mut cmd = bed.vtun_bare();
+    cmd.args(["exec", "a", "--", "echo", "home"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "home\n");
+}

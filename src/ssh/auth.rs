@@ -43,8 +43,8 @@ struct Attempts<'a> {
 pub async fn authenticate(
     handle: &mut Handle<Client>,
     user: &str,
+    host: &crate::target::Host,
     identities: &[PathBuf],
-    vm_id: &str,
 ) -> anyhow::Result<()> {
     let mut a = Attempts {
         handle,
@@ -61,7 +61,7 @@ pub async fn authenticate(
     if a.try_agent().await? {
         return Ok(());
     }
-    for path in default_key_files(vm_id) {
+    for path in default_key_files(host.vm_id()) {
         if a.try_file(&path, false).await? {
             return Ok(());
         }
@@ -71,7 +71,11 @@ pub async fn authenticate(
     } else {
         format!("tried {}", a.tried.join(", "))
     };
-    Err(SshError::Auth(format!("permission denied for {user}: {tried}")).into())
+    Err(SshError::Auth(format!(
+        "permission denied for {user}@{}: {tried}",
+        host.name
+    ))
+    .into())
 }
 
 impl Attempts<'_> {

@@ -160,8 +160,7 @@ async fn attempt(
         }
     };
     let user = settings.user_for(host);
-    if let Err(e) = auth::authenticate(&mut handle, &user, &settings.identities, host.vm_id()).await
-    {
+    if let Err(e) = auth::authenticate(&mut handle, &user, host, &settings.identities).await {
         return Attempt::Failed(e, false);
     }
     Attempt::Done(Session {
