@@ -1,9 +1,9 @@
 //! Public-key authentication in a fixed order, stopping at the first key that works: `-i` files,
 //! ssh-agent keys, the vers CLI's cached key for the VM, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
 //!
-//! Each key costs one round trip (the signature is sent at once, without OpenSSH's "would you
-//! accept this key?" probe), and a key already offered is not offered again: sshd disconnects
-//! after MaxAuthTries failures, so duplicates would crowd out keys that might work.
+//! A key the server refuses costs one round trip (russh asks "would you accept this key?" before
+//! signing), the one it accepts two. A key already offered is not offered again: sshd
+//! disconnects after MaxAuthTries failures, so duplicates would crowd out keys that might work.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,8 @@
 //! One SSH session over one verified TLS stream, tuned for WAN links.
 //!
 //! The tuning that matters: AES-GCM first (hardware AES on both ends), a 16 MiB channel window
-//! (OpenSSH's 2 MiB caps one channel at 2 MiB per round trip) and large packets. russh grants
+//! (OpenSSH's 2 MiB caps one channel at 2 MiB per round trip), 64 KiB packets, TCP_NODELAY
+//! (set by the dialer) and keepalive@openssh.com every 10 s with 6 misses allowed. russh grants
 //! window as data arrives rather than as it is consumed, so a channel whose reader stops reading
 //! eventually stalls the whole session once its queue (`CHANNEL_QUEUE` packets) is full: every
 //! stream handed out by this module must be read promptly.
@@ -26,8 +27,10 @@ use crate::tls::Dialer;
 
 /// Channel window we advertise (OpenSSH's sshd uses 2 MiB).
 pub const WINDOW: u32 = 16 * 1024 * 1024;
-/// Largest channel packet we accept: OpenSSH's packet limit is 256 KiB, minus header room.
-pub const MAX_PACKET: u32 = 256 * 1024 - 1024;
+/// Largest channel packet we accept. OpenSSH would take up to its 256 KiB packet limit, but
+/// russh treats anything above 65535 as a misconfiguration, and sshd reads from the remote
+/// program 32 KiB at a time, so a larger value would never be used.
+pub const MAX_PACKET: u32 = 65535;
 /// Packets queued per channel before the session pushes back.
 const CHANNEL_QUEUE: usize = 512;
 /// keepalive@openssh.com interval and misses, as the vers CLI uses.
