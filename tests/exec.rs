@@ -529,3 +529,52 @@ fn vers_cached_key_and_default_ssh_keys_authenticate() {
     out.assert_ok();
     assert_eq!(out.stdout_str(), "home\n");
 }
+
+#[test]
+fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal() {
+    let bed = TestBed::builder().vm("a").start();
+    let dir = bed.dir("locked");
+    let locked = dir.join("locked_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "open sesame", "-f"])
+        .arg(&locked)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+    let public = std::fs::read_to_string(dir.join("locked_key.pub")).expect("pub");
+    let authorized = bed.vm("a").dir.join("authorized_keys");
+    let mut keys = read(&authorized);
+    keys.push_str(&public);
+    std::fs::write(&authorized, keys).expect("authorized_keys");
+
+    let script = dir.join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "{} exec a -- echo UNLOCKED-$((6*7)); echo STATUS-$?; sleep 60\n",
+            vtun_bin().display()
+        ),
+    )
+    .expect("script");
+    let tmux = Tmux {
+        sock: dir.join("sock"),
+    };
+    let mut start = bed.command("tmux");
+    start
+        .arg("-S")
+        .arg(&tmux.sock)
+        .args(["-f", "/dev/null", "new-session", "-d", "-s", "t"])
+        .arg(format!("sh {}", script.display()))
+        .env("TERM", "xterm-256color")
+        .env("VTUN_IDENTITY", &locked);
+    assert!(start.status().expect("tmux").success());
+    tmux.wait_for("Enter passphrase for key");
+    tmux.run(&["send-keys", "-t", "t", "open sesame", "Enter"]);
+    let screen = tmux.wait_for("STATUS-");
+    assert!(screen.contains("UNLOCKED-42"), "{screen}");
+    assert!(screen.contains("STATUS-0"), "{screen}");
+    assert!(
+        !screen.contains("open sesame"),
+        "passphrase echoed: {screen}"
+    );
+}
