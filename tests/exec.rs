@@ -472,10 +472,13 @@ fn one_session_carries_many_channels_at_once() {
     let host = settings.host("a").expect("host");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let opener = vtun::ssh::SshConnector::new(settings)
-            .connect(&host)
-            .await
-            .expect("connect");
+        let connector = vtun::ssh::SshConnector::new(settings);
+        let (one, two) = tokio::join!(connector.session(&host), connector.session(&host));
+        assert!(
+            std::sync::Arc::ptr_eq(&one.expect("one"), &two.expect("two")),
+            "one shared session per host"
+        );
+        let opener = connector.connect(&host).await.expect("connect");
         let streams = (0..6u64).map(|i| {
             let opener = opener.clone();
             async move {

@@ -7,8 +7,9 @@
 //! error. Requests are sent with want-reply but not awaited, so opening a stream costs one round
 //! trip (the channel open), not two.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use anyhow::Result;
@@ -17,7 +18,7 @@ use futures::future::BoxFuture;
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OnceCell};
 
 use super::{Session, SshError};
 use crate::remote::{Connector, Opener, RemoteIo};
@@ -176,22 +177,52 @@ fn lost(e: russh::Error) -> anyhow::Error {
     SshError::ConnectionLost(e.to_string()).into()
 }
 
-/// Connects over SSH through the edge: one new [`Session`] per call (callers share the
-/// returned opener for everything that talks to that host).
+/// Connects over SSH through the edge. As the [`Connector`] contract asks, one session per
+/// host (user, name, port) is shared by every caller; a closed one is replaced on the next call.
+/// Callers that want more TCP connections to one host call [`Session::connect`] themselves.
 pub struct SshConnector {
     pub settings: Settings,
+    sessions: Mutex<HashMap<SessionKey, Arc<OnceCell<Arc<Session>>>>>,
 }
+
+type SessionKey = (String, String, u16);
 
 impl SshConnector {
     pub fn new(settings: Settings) -> SshConnector {
-        SshConnector { settings }
+        SshConnector {
+            settings,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shared session to `host`, connecting (once, even when asked concurrently) if needed.
+    pub async fn session(&self, host: &Host) -> Result<Arc<Session>> {
+        let key = (
+            self.settings.user_for(host),
+            host.name.clone(),
+            self.settings.port_for(host),
+        );
+        let cell = {
+            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let cell = map.entry(key.clone()).or_default();
+            if cell.get().is_some_and(|s| s.is_closed()) {
+                *cell = Arc::default();
+            }
+            cell.clone()
+        };
+        let session = cell
+            .get_or_try_init(|| async {
+                Session::connect(&self.settings, host).await.map(Arc::new)
+            })
+            .await?;
+        Ok(session.clone())
     }
 }
 
 impl Connector for SshConnector {
     fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Opener>>> {
         Box::pin(async move {
-            let s: Arc<dyn Opener> = Arc::new(Session::connect(&self.settings, host).await?);
+            let s: Arc<dyn Opener> = self.session(host).await?;
             Ok(s)
         })
     }
