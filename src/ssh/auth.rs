@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use russh::client::{AuthResult, Handle};
 use russh::keys::agent::client::AgentClient;
@@ -37,6 +38,8 @@ struct Attempts<'a> {
     offered: HashSet<Vec<u8>>,
     tried: Vec<String>,
     rsa_hash: Option<Option<HashAlg>>,
+    /// Bound on each exchange with the server (a stalled link must not hang us forever).
+    timeout: Duration,
 }
 
 /// Authenticate as `user`, or fail with one line listing what was tried.
@@ -45,6 +48,7 @@ pub async fn authenticate(
     user: &str,
     host: &crate::target::Host,
     identities: &[PathBuf],
+    timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut a = Attempts {
         handle,
@@ -52,6 +56,7 @@ pub async fn authenticate(
         offered: HashSet::new(),
         tried: Vec::new(),
         rsa_hash: None,
+        timeout,
     };
     for path in identities {
         if a.try_file(path, true).await? {
@@ -110,9 +115,8 @@ impl Attempts<'_> {
         };
         let res = self
             .handle
-            .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(key, hash))
-            .await
-            .map_err(lost)?;
+            .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(key, hash));
+        let res = bounded(self.timeout, res).await?.map_err(lost)?;
         Ok(matches!(res, AuthResult::Success))
     }
 
@@ -148,11 +152,10 @@ impl Attempts<'_> {
             } else {
                 None
             };
-            match self
+            let res = self
                 .handle
-                .authenticate_publickey_with(&self.user, key, hash, &mut agent)
-                .await
-            {
+                .authenticate_publickey_with(&self.user, key, hash, &mut agent);
+            match bounded(self.timeout, res).await? {
                 Ok(AuthResult::Success) => return Ok(true),
                 Ok(AuthResult::Failure { .. }) => {}
                 Err(e) => {
@@ -184,13 +187,24 @@ impl Attempts<'_> {
         if let Some(h) = self.rsa_hash {
             return Ok(h);
         }
-        let h = match self.handle.best_supported_rsa_hash().await.map_err(lost)? {
+        let asked = bounded(self.timeout, self.handle.best_supported_rsa_hash()).await?;
+        let h = match asked.map_err(lost)? {
             Some(Some(h)) => Some(h),
             _ => Some(HashAlg::Sha256),
         };
         self.rsa_hash = Some(h);
         Ok(h)
     }
+}
+
+/// `work`, or "connection lost" when the server does not answer within `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| lost(format!("no answer within {}s", limit.as_secs_f64())))
 }
 
 fn lost(e: impl std::fmt::Display) -> anyhow::Error {

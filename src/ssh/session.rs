@@ -163,7 +163,15 @@ async fn attempt(
         }
     };
     let user = settings.user_for(host);
-    if let Err(e) = auth::authenticate(&mut handle, &user, host, &settings.identities).await {
+    if let Err(e) = auth::authenticate(
+        &mut handle,
+        &user,
+        host,
+        &settings.identities,
+        settings.tls.connect_timeout,
+    )
+    .await
+    {
         return Attempt::Failed(e, false);
     }
     Attempt::Done(Session {
