@@ -581,3 +581,36 @@ fn an_encrypted_key_asks_for_its_passphrase_on_the_terminal() {
         "passphrase echoed: {screen}"
     );
 }
+
+#[test]
+fn certificate_errors_are_not_retried() {
+    let bed = TestBed::builder().vm("a").start();
+    let dir = bed.dir("other-ca");
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args([
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=other",
+            "-days",
+            "1",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("ca.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    let mut cmd = bed.vtun();
+    cmd.env("VTUN_CA_FILE", dir.join("ca.pem"))
+        .args(["--wait", "20", "exec", "a", "--", "true"]);
+    let start = Instant::now();
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 255, "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("certificate"), "{}", out.stderr);
+    assert!(!out.stderr.contains("waiting"), "{}", out.stderr);
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
