@@ -18,11 +18,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             clap_complete::generate(a.shell, &mut Cli::command(), "vtun", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Ssh(_)
-        | Command::Exec(_)
-        | Command::Cp(_)
-        | Command::Sync(_)
-        | Command::Bench(_) => {
+        Command::Ssh(a) => crate::exec::ssh(g, &a),
+        Command::Exec(a) => crate::exec::exec(g, &a),
+        Command::Cp(_) | Command::Sync(_) | Command::Bench(_) => {
             anyhow::bail!("this subcommand is not available in this build yet")
         }
     }

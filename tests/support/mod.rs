@@ -21,8 +21,19 @@ pub use fault::{Fault, FaultRelay};
 
 pub const DOMAIN: &str = "vm.test";
 
+/// The vtun binary: `VTUN_BIN` if set, else the one cargo built for this test, else (benches,
+/// where cargo does not say) `vtun` in the target directory the running executable lives in.
 pub fn vtun_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vtun"))
+    if let Some(p) = std::env::var_os("VTUN_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_vtun") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<bench> → target/<profile>/vtun
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("vtun")
 }
 
 /// Which sshd binary to run (absolute path, as sshd requires).
@@ -404,6 +415,14 @@ impl TestBed {
         let mut cmd = Command::new(vtun_bin());
         self.base_env(&mut cmd);
         cmd.env("VTUN_IDENTITY", &self.user_key);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Any program with the bed's clean environment (HOME, TMPDIR, VTUN_*), no identity.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        self.base_env(&mut cmd);
         cmd.stdin(Stdio::null());
         cmd
     }

@@ -1,1 +1,0 @@
-//! `vtun exec` and `vtun ssh`.

@@ -1,0 +1,229 @@
+//! Channels as byte streams for the engines: [`Session`] implements [`Opener`] (each `sftp()` or
+//! `exec()` is a new channel on the same session, usable in parallel) and [`SshConnector`]
+//! implements [`Connector`].
+//!
+//! Each channel gets its own pump task that moves the channel's messages into the stream: stdout
+//! to the reader, stderr straight to our stderr, the server's refusal of the request as a read
+//! error. Requests are sent with want-reply but not awaited, so opening a stream costs one round
+//! trip (the channel open), not two.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use russh::client::Msg;
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, OnceCell};
+
+use super::{Session, SshError};
+use crate::remote::{Connector, Opener, RemoteIo};
+use crate::settings::Settings;
+use crate::target::Host;
+
+/// Chunks buffered between a channel's pump and its reader.
+const READ_QUEUE: usize = 64;
+
+/// A channel's stdin/stdout as one stream; dropping it closes the channel.
+pub struct ChannelIo {
+    rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    pending: Bytes,
+    eof: bool,
+    writer: Pin<Box<dyn AsyncWrite + Send>>,
+}
+
+impl ChannelIo {
+    /// Wrap `channel` on which `what` (e.g. "subsystem sftp") was just requested.
+    pub fn new(channel: Channel<Msg>, what: String) -> ChannelIo {
+        let writer = Box::pin(channel.make_writer());
+        let (rd, wr) = channel.split();
+        let (tx, rx) = mpsc::channel(READ_QUEUE);
+        tokio::spawn(pump(rd, wr, tx, what));
+        ChannelIo {
+            rx,
+            pending: Bytes::new(),
+            eof: false,
+            writer,
+        }
+    }
+}
+
+/// Moves one channel's messages into its stream until the server closes the channel or the
+/// stream is dropped (then it closes the channel). An empty chunk tells the reader "EOF".
+async fn pump(
+    mut rd: ChannelReadHalf,
+    wr: ChannelWriteHalf<Msg>,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    what: String,
+) {
+    let mut ended = false;
+    loop {
+        let msg = tokio::select! {
+            m = rd.wait() => m,
+            _ = tx.closed() => break,
+        };
+        match msg {
+            Some(ChannelMsg::Data { data }) if !ended && !data.is_empty() => {
+                if tx.send(Ok(data)).await.is_err() {
+                    break;
+                }
+            }
+            Some(ChannelMsg::ExtendedData { data, .. }) => {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(&data);
+            }
+            Some(ChannelMsg::Failure) if !ended => {
+                ended = true;
+                let e = std::io::Error::other(format!("the server refused {what}"));
+                let _ = tx.send(Err(e)).await;
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => {
+                tracing::debug!(%what, exit_status, "remote exited");
+            }
+            // Remote stdout is done; keep the channel for our writes until the server closes.
+            Some(ChannelMsg::Eof) if !ended => {
+                ended = true;
+                let _ = tx.send(Ok(Bytes::new())).await;
+            }
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    if !ended {
+        let _ = tx.try_send(Ok(Bytes::new()));
+    }
+    drop(tx);
+    let _ = wr.close().await;
+}
+
+impl AsyncRead for ChannelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.pending.is_empty() {
+            if self.eof {
+                return Poll::Ready(Ok(()));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(b))) if b.is_empty() => self.eof = true,
+                Poll::Ready(Some(Ok(b))) => self.pending = b,
+                Poll::Ready(Some(Err(e))) => {
+                    self.eof = true;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(None) => self.eof = true,
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ChannelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.writer.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.writer.as_mut().poll_flush(cx)
+    }
+
+    /// Sends EOF: the remote program sees the end of its stdin.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.writer.as_mut().poll_shutdown(cx)
+    }
+}
+
+impl Opener for Session {
+    fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        Box::pin(async move {
+            let ch = self.open_channel().await?;
+            ch.request_subsystem(true, "sftp").await.map_err(lost)?;
+            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, "the sftp subsystem".into()));
+            Ok(io)
+        })
+    }
+
+    fn exec(&self, command: &str) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        let command = command.to_string();
+        Box::pin(async move {
+            let ch = self.open_channel().await?;
+            ch.exec(true, command.as_bytes()).await.map_err(lost)?;
+            let what = format!("to run {command:?}");
+            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what));
+            Ok(io)
+        })
+    }
+
+    fn name(&self) -> &str {
+        Session::name(self)
+    }
+}
+
+fn lost(e: russh::Error) -> anyhow::Error {
+    SshError::ConnectionLost(e.to_string()).into()
+}
+
+/// Connects over SSH through the edge. As the [`Connector`] contract asks, one session per
+/// host (user, name, port) is shared by every caller; a closed one is replaced on the next call.
+/// Callers that want more TCP connections to one host call [`Session::connect`] themselves.
+pub struct SshConnector {
+    pub settings: Settings,
+    sessions: Mutex<HashMap<SessionKey, Arc<OnceCell<Arc<Session>>>>>,
+}
+
+type SessionKey = (String, String, u16);
+
+impl SshConnector {
+    pub fn new(settings: Settings) -> SshConnector {
+        SshConnector {
+            settings,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shared session to `host`, connecting (once, even when asked concurrently) if needed.
+    pub async fn session(&self, host: &Host) -> Result<Arc<Session>> {
+        let key = (
+            self.settings.user_for(host),
+            host.name.clone(),
+            self.settings.port_for(host),
+        );
+        let cell = {
+            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let cell = map.entry(key.clone()).or_default();
+            if cell.get().is_some_and(|s| s.is_closed()) {
+                *cell = Arc::default();
+            }
+            cell.clone()
+        };
+        let session = cell
+            .get_or_try_init(|| async {
+                Session::connect(&self.settings, host).await.map(Arc::new)
+            })
+            .await?;
+        Ok(session.clone())
+    }
+}
+
+impl Connector for SshConnector {
+    fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Opener>>> {
+        Box::pin(async move {
+            let s: Arc<dyn Opener> = self.session(host).await?;
+            Ok(s)
+        })
+    }
+}

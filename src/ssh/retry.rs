@@ -1,0 +1,58 @@
+//! The boot race: a VM that was just started or resumed refuses or resets connections (or the
+//! edge closes them before sshd says hello) for a few seconds. Those failures are retried with
+//! backoff for `--wait`; authentication, host-key and certificate failures never are.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::settings::Settings;
+use crate::target::Host;
+
+/// The outcome of one connection attempt.
+pub enum Attempt<T> {
+    Done(T),
+    /// The error, and whether the VM may simply not be up yet.
+    Failed(anyhow::Error, bool),
+}
+
+const FIRST_DELAY: Duration = Duration::from_millis(100);
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Run `attempt` until it succeeds, fails for good, or `settings.wait` has passed.
+pub async fn with_boot_wait<T, F, Fut>(
+    settings: &Settings,
+    host: &Host,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
+    let start = Instant::now();
+    let mut delay = FIRST_DELAY;
+    let mut announced = false;
+    loop {
+        let (err, transient) = match attempt().await {
+            Attempt::Done(v) => return Ok(v),
+            Attempt::Failed(e, t) => (e, t),
+        };
+        let waited = start.elapsed();
+        if !transient || waited >= settings.wait {
+            if transient && !settings.wait.is_zero() {
+                return Err(err.context(format!(
+                    "gave up after waiting {:.0}s for {} (see --wait)",
+                    waited.as_secs_f64(),
+                    host.name
+                )));
+            }
+            return Err(err);
+        }
+        if !announced && !settings.quiet {
+            eprintln!("vtun: waiting for {} to accept connections…", host.name);
+            announced = true;
+        }
+        tracing::debug!("retrying in {delay:?}: {err:#}");
+        tokio::time::sleep(delay.min(settings.wait - waited)).await;
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+}
