@@ -53,8 +53,8 @@ pub struct Engine {
 impl Engine {
     pub fn new(opts: Options, progress: Progress) -> Engine {
         Engine {
+            budget: Budget::new(MAX_CHUNKS, DEPTH, opts.resume),
             opts,
-            budget: Budget::new(MAX_CHUNKS, DEPTH),
             progress,
         }
     }

@@ -3,8 +3,8 @@
 //! Reads complete in offset order (a `FuturesOrdered`), and each write is started as soon as its
 //! read completes, so writes also go out in offset order. A remote server executes them in
 //! that order, which keeps the destination a contiguous prefix if the copy is cut — the property
-//! `--resume` needs. Local writes run on a thread pool and could finish out of order, so only
-//! one is in flight per range (they are memory copies into the page cache, so this costs little).
+//! `--resume` needs. Local writes run on a thread pool and could finish out of order, so when
+//! order matters only one is in flight per range (a memory copy into the page cache: cheap).
 //!
 //! Memory is bounded across every concurrent range by a shared semaphore of chunk permits.
 
@@ -23,13 +23,16 @@ pub struct Budget {
     pub chunks: Arc<Semaphore>,
     /// Requests in flight per range.
     pub depth: usize,
+    /// Writes must land in offset order (for `--resume`).
+    pub ordered: bool,
 }
 
 impl Budget {
-    pub fn new(max_chunks: usize, depth: usize) -> Budget {
+    pub fn new(max_chunks: usize, depth: usize, ordered: bool) -> Budget {
         Budget {
             chunks: Arc::new(Semaphore::new(max_chunks.max(1))),
             depth: depth.max(1),
+            ordered,
         }
     }
 }
@@ -44,7 +47,11 @@ pub async fn copy_range(
     progress: &Progress,
     (src_name, dst_name): &(String, String),
 ) -> Result<()> {
-    let max_writes = if dst.is_local() { 1 } else { budget.depth };
+    let max_writes = if dst.is_local() && budget.ordered {
+        1
+    } else {
+        budget.depth
+    };
     let mut reads = FuturesOrdered::new();
     let mut writes = FuturesOrdered::new();
     let mut next = start;

@@ -182,8 +182,11 @@ impl Sftp {
     /// Run the version handshake (and `limits@openssh.com` when offered) on `io`.
     pub async fn connect(io: Box<dyn RemoteIo>) -> Result<Sftp> {
         let (rd, wr) = tokio::io::split(io);
-        let mut rd = BufReader::with_capacity(512 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(512 * 1024, wr);
+        // Small buffers on purpose: tokio's BufReader/BufWriter bypass the buffer for transfers
+        // larger than it, so 256 KiB DATA bodies and WRITE payloads move without an extra copy
+        // while small packets still share syscalls.
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
         let mut init = BytesMut::new();
         init.put_u32(5);
         init.put_u8(proto::INIT);
@@ -522,8 +525,15 @@ async fn read_packet<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<(u8,
     if len == 0 || len > MAX_PACKET {
         bail!("malformed SFTP packet length {len}");
     }
-    let mut body = BytesMut::zeroed(len);
-    rd.read_exact(&mut body).await?;
+    let mut body = BytesMut::with_capacity(len);
+    // read_buf fills uninitialised capacity: no zeroing of 256 KiB bodies.
+    while body.len() < len {
+        let want = len - body.len();
+        let mut limited = (&mut body).limit(want);
+        if rd.read_buf(&mut limited).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     let mut p = Parser::new(body.freeze());
     let kind = p.u8()?;
     Ok((kind, p))
