@@ -718,3 +718,18 @@ async fn json_summary_counts_files_and_bytes() {
         assert!(json.get(k).is_some(), "{k}");
     }
 }
+
+#[tokio::test]
+async fn bench_measures_and_removes_its_files() {
+    let opener: Arc<dyn Opener> = Arc::new(Subprocess::new().unwrap());
+    let home_before = entries(Path::new("."));
+    let r = vtun::transfer::bench::measure(opener, 3 << 20, 2, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(r.runs.len(), 4);
+    assert!(r.runs.iter().all(|run| run.mb_per_s > 0.0));
+    // The remote temporary lives in the login directory: here, the current one.
+    assert_eq!(entries(Path::new(".")), home_before);
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json.get("rtt_ms").is_some());
+}

@@ -592,3 +592,21 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_names_must_stay_inside_the_directory() {
+        assert_eq!(
+            checked_name(b"ok name \xff", "d").unwrap(),
+            OsString::from_vec(b"ok name \xff".to_vec())
+        );
+        for bad in [&b""[..], b".", b"..", b"../x", b"/abs", b"a/b", b"nul\0"] {
+            let err = checked_name(bad, "host:/d").unwrap_err();
+            assert!(err.to_string().contains("refusing unsafe name"), "{err}");
+        }
+    }
+}
