@@ -179,7 +179,23 @@ impl Engine {
         slot: usize,
     ) -> Result<()> {
         let chunk = src.chunk().await?.min(dst.chunk().await?);
-        let first = dst.open_write(temp, slot, true, start > 0).await?;
+        // Open both ends at once: one round trip, not two, per small file.
+        let (w, r) = futures::join!(
+            dst.open_write(temp, slot, true, start > 0),
+            src.open_read(src_path, slot)
+        );
+        let (first, reader0) = match (w, r) {
+            (Ok(w), Ok(r)) => (w, r),
+            (Ok(w), Err(e)) => {
+                let _ = w.finish(None, None).await;
+                return Err(e);
+            }
+            (Err(e), Ok(r)) => {
+                let _ = r.close().await;
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+        };
         self.progress.add_bytes(start);
         let ranges = split(
             start,
@@ -191,26 +207,32 @@ impl Engine {
             },
         );
         let labels = (src.show(src_path), dst.show(dst_path));
-        let run = |i: usize, from: u64, to: u64| {
-            let first = &first;
+        let (from0, to0) = ranges[0];
+        let more = ranges[1..].iter().enumerate().map(|(i, &(from, to))| {
             let labels = &labels;
+            let slot = slot + i + 1;
             async move {
-                let reader = src.open_read(src_path, slot + i).await?;
-                let res = if i == 0 {
-                    self.range(&reader, first, from, to, chunk, labels).await
-                } else {
-                    let w = dst.open_write(temp, slot + i, false, false).await?;
-                    let r = self.range(&reader, &w, from, to, chunk, labels).await;
-                    r.and(w.finish(None, None).await)
-                };
-                res.and(reader.close().await)
+                let (w, r) = futures::join!(
+                    dst.open_write(temp, slot, false, false),
+                    src.open_read(src_path, slot)
+                );
+                let (w, reader) = (w?, r?);
+                let res = self.range(&reader, &w, from, to, chunk, labels).await;
+                let (closed, finished) = futures::join!(reader.close(), w.finish(None, None));
+                res.and(closed).and(finished)
             }
-        };
-        let filled = try_join_all(ranges.iter().enumerate().map(|(i, &(a, b))| run(i, a, b))).await;
+        });
+        let filled = futures::future::try_join(
+            self.range(&reader0, &first, from0, to0, chunk, &labels),
+            try_join_all(more),
+        )
+        .await;
         let times = self.opts.preserve.then_some((meta.atime, meta.mtime));
-        let finished = first.finish(Some(meta.mode), times).await;
+        let (closed, finished) =
+            futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
         filled?;
         finished.with_context(|| dst.show(temp))?;
+        closed.with_context(|| src.show(src_path))?;
         dst.rename(temp, dst_path).await
     }
 

@@ -582,12 +582,15 @@ impl Writer {
             .await?
             .map_err(|e| anyhow!("{}", io_text(&e))),
             Writer::Remote(c, h) => {
-                let res = match mode {
-                    Some(m) => c.fsetstat(&h, &attrs_for(m, times)).await,
-                    None => Ok(()),
+                // Both requests go out together; the server runs them in order.
+                let set = async {
+                    match mode {
+                        Some(m) => c.fsetstat(&h, &attrs_for(m, times)).await,
+                        None => Ok(()),
+                    }
                 };
-                let closed = c.close(&h).await;
-                res.and(closed)
+                let (set, closed) = futures::join!(set, c.close(&h));
+                set.and(closed)
             }
         }
     }

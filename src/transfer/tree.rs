@@ -15,8 +15,23 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use super::engine::{temp_path, Engine};
 use super::fs::{Fs, Kind, Meta};
 
-/// Directory listings in flight while walking.
+/// Directory listings (or mkdirs) in flight at once.
 const LIST_CONCURRENCY: usize = 16;
+/// Files in flight per SFTP stream: enough to hide a few round trips per small file.
+const FILES_PER_STREAM: usize = 16;
+
+/// Group sorted relative directory paths by depth, shallowest first.
+fn by_depth(dirs: &[(PathBuf, Meta)]) -> Vec<Vec<&(PathBuf, Meta)>> {
+    let mut levels: Vec<Vec<&(PathBuf, Meta)>> = Vec::new();
+    for d in dirs {
+        let depth = d.0.components().count().max(1) - 1;
+        if levels.len() <= depth {
+            levels.resize_with(depth + 1, Vec::new);
+        }
+        levels[depth].push(d);
+    }
+    levels
+}
 
 /// Every entry under `root` (not including it) as (relative path, metadata), sorted so each
 /// directory comes before its contents. Symlinks are reported, not followed.
@@ -91,12 +106,20 @@ async fn copy_tree_inner(
     }
     engine.progress.add_total(files, bytes);
 
-    let mut dirs = vec![(dst_root.to_path_buf(), *root_meta)];
     dst.mkdir(dst_root, 0o700 | root_meta.mode).await?;
-    for (rel, m) in entries.iter().filter(|(_, m)| m.kind == Kind::Dir) {
-        let d = dst_root.join(rel);
-        dst.mkdir(&d, 0o700 | m.mode).await?;
-        dirs.push((d, *m));
+    let dirs: Vec<(PathBuf, Meta)> = entries
+        .iter()
+        .filter(|(_, m)| m.kind == Kind::Dir)
+        .map(|(rel, m)| (rel.clone(), *m))
+        .collect();
+    // Parents before children, siblings concurrently (each mkdir is a round trip).
+    for level in by_depth(&dirs) {
+        let made = futures::stream::iter(level)
+            .map(|(rel, m)| async move { dst.mkdir(&dst_root.join(rel), 0o700 | m.mode).await })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        made.into_iter().collect::<Result<Vec<()>>>()?;
     }
 
     let mut errors = Vec::new();
@@ -111,7 +134,7 @@ async fn copy_tree_inner(
         let (s, d) = (src_root.join(rel), dst_root.join(rel));
         async move { engine.copy_file(src, &s, m, dst, &d, i).await }
     })
-    .buffer_unordered(parallel * 4);
+    .buffer_unordered(parallel * FILES_PER_STREAM);
     while let Some(r) = copies.next().await {
         if let Err(e) = r {
             errors.push(e);
@@ -135,11 +158,22 @@ async fn copy_tree_inner(
         }
     }
 
-    for (d, m) in dirs.iter().rev() {
-        let times = engine.opts.preserve.then_some((m.atime, m.mtime));
-        if let Err(e) = dst.set_meta(d, m.mode, times).await {
-            errors.push(e);
-        }
+    // Modes and times last (writing into a directory changes its mtime), deepest first.
+    let preserve = engine.opts.preserve;
+    let set = |d: PathBuf, m: Meta| async move {
+        dst.set_meta(&d, m.mode, preserve.then_some((m.atime, m.mtime)))
+            .await
+    };
+    for level in by_depth(&dirs).into_iter().rev() {
+        let done = futures::stream::iter(level)
+            .map(|(rel, m)| set(dst_root.join(rel), *m))
+            .buffer_unordered(LIST_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        errors.extend(done.into_iter().filter_map(Result::err));
+    }
+    if let Err(e) = set(dst_root.to_path_buf(), *root_meta).await {
+        errors.push(e);
     }
     Ok(errors)
 }
