@@ -6,8 +6,13 @@
 //! - `sftp -D sftp-server -b`: OpenSSH's client talking to the same server, no ssh (baseline);
 //! - `cp`: the local ceiling.
 //!
+//! A second table emulates a WAN: every stream gets VTUN_BENCH_DELAY_MS (default 10) of one-way
+//! delay each way and, like an OpenSSH channel, at most 2 MiB in flight per direction. It shows
+//! what pipelining and parallel channels buy on a long link (no OpenSSH baseline there: `sftp -D`
+//! cannot be put behind the delay).
+//!
 //! Run: `cargo bench --bench cp_local` (sizes: VTUN_BENCH_MB=256, VTUN_BENCH_FILES=500,
-//! VTUN_BENCH_PARALLEL=4). Prints one table; the machine is shared, so compare ratios.
+//! VTUN_BENCH_PARALLEL=4). Prints the tables; the machine is shared, so compare ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,10 +20,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use futures::future::BoxFuture;
 use rand::RngCore;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use vtun::progress::Progress;
-use vtun::remote::{Opener, Subprocess};
+use vtun::remote::{Opener, RemoteIo, Subprocess};
 use vtun::transfer::{Engine, Fs, Options, RemoteFs};
 
 fn env(name: &str, default: usize) -> usize {
@@ -36,6 +45,83 @@ fn write_random(path: &Path, len: usize) -> Result<()> {
 
 fn remote(parallel: usize) -> Result<Fs> {
     let opener: Arc<dyn Opener> = Arc::new(Subprocess::new()?);
+    Ok(Fs::Remote(Arc::new(RemoteFs::new(opener, parallel))))
+}
+
+/// A local sftp-server behind emulated latency and a 2 MiB per-direction window.
+struct Wan {
+    inner: Subprocess,
+    one_way: Duration,
+}
+
+const WINDOW: usize = 2 << 20;
+
+impl Opener for Wan {
+    fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        Box::pin(async move {
+            let io = self.inner.sftp().await?;
+            let (ours, theirs) = tokio::io::duplex(WINDOW);
+            let (ir, iw) = tokio::io::split(io);
+            let (tr, tw) = tokio::io::split(theirs);
+            tokio::spawn(pump(tr, iw, self.one_way));
+            tokio::spawn(pump(ir, tw, self.one_way));
+            let io: Box<dyn RemoteIo> = Box::new(ours);
+            Ok(io)
+        })
+    }
+    fn exec(&self, c: &str) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        self.inner.exec(c)
+    }
+    fn name(&self) -> &str {
+        "wan"
+    }
+}
+
+/// Forward bytes after `delay`, with at most WINDOW bytes in flight.
+async fn pump<R, W>(mut r: R, mut w: W, delay: Duration)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let (tx, mut rx) =
+        mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, OwnedSemaphorePermit)>();
+    let win = window.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = win.clone().acquire_many_owned(64 * 1024).await else {
+                return;
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx
+                        .send((tokio::time::Instant::now() + delay, buf, permit))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Some((due, buf, permit)) = rx.recv().await {
+        tokio::time::sleep_until(due).await;
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+        drop(permit);
+    }
+    let _ = w.shutdown().await;
+}
+
+fn wan(parallel: usize, one_way: Duration) -> Result<Fs> {
+    let opener: Arc<dyn Opener> = Arc::new(Wan {
+        inner: Subprocess::new()?,
+        one_way,
+    });
     Ok(Fs::Remote(Arc::new(RemoteFs::new(opener, parallel))))
 }
 
@@ -274,5 +360,74 @@ async fn main() -> Result<()> {
         s,
         None,
     );
+    for p in [&up, &down, &vm2vm] {
+        fresh(p)?;
+    }
+
+    let delay = Duration::from_millis(env("VTUN_BENCH_DELAY_MS", 10) as u64);
+    println!();
+    println!(
+        "emulated WAN: {} ms round trip, 2 MiB in flight per stream and direction",
+        delay.as_millis() * 2
+    );
+    println!(
+        "{:<22} {:<26} {:>10} {:>14} {:>8}",
+        "case", "tool", "time", "rate", "vs 1 ch"
+    );
+    let mut one = None;
+    for p in [1, parallel, parallel * 2] {
+        fresh(&up)?;
+        let s = engine(
+            (local.clone(), big.clone()),
+            (wan(p, delay)?, up.clone()),
+            p,
+        )
+        .await?;
+        one.get_or_insert(s);
+        row(
+            "file upload",
+            &format!("vtun --parallel {p}"),
+            big_bytes,
+            s,
+            one,
+        );
+    }
+    let mut one = None;
+    for p in [1, parallel, parallel * 2] {
+        fresh(&down)?;
+        let s = engine(
+            (wan(p, delay)?, up.clone()),
+            (local.clone(), down.clone()),
+            p,
+        )
+        .await?;
+        one.get_or_insert(s);
+        row(
+            "file download",
+            &format!("vtun --parallel {p}"),
+            big_bytes,
+            s,
+            one,
+        );
+    }
+    fresh(&up)?;
+    let mut one = None;
+    for p in [1, parallel] {
+        fresh(&down)?;
+        let s = engine(
+            (local.clone(), tree.clone()),
+            (wan(p, delay)?, down.clone()),
+            p,
+        )
+        .await?;
+        one.get_or_insert(s);
+        row(
+            "tree upload",
+            &format!("vtun --parallel {p}"),
+            tree_bytes,
+            s,
+            one,
+        );
+    }
     Ok(())
 }
