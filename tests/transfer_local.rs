@@ -733,3 +733,56 @@ async fn bench_measures_and_removes_its_files() {
     let json = serde_json::to_value(&r).unwrap();
     assert!(json.get("rtt_ms").is_some());
 }
+
+#[tokio::test]
+async fn recursive_preserve_keeps_directory_times_and_modes() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("tree");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/f"), b"f").unwrap();
+    std::fs::set_permissions(src.join("sub"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_200_000_000);
+    for d in [src.join("sub"), src.clone()] {
+        std::fs::File::open(&d)
+            .unwrap()
+            .set_times(
+                std::fs::FileTimes::new()
+                    .set_modified(old)
+                    .set_accessed(old),
+            )
+            .unwrap();
+    }
+    let up = t.path().join("up");
+    let down = t.path().join("down");
+    cp(&["-r", "-p", &s(&src), &remote("a", &up)])
+        .await
+        .unwrap();
+    cp(&["-rp", &remote("a", &up), &s(&down)]).await.unwrap();
+    for root in [&up, &down] {
+        for d in [root.join("sub"), root.to_path_buf()] {
+            assert_eq!(
+                d.metadata().unwrap().mtime(),
+                1_200_000_000,
+                "{}",
+                d.display()
+            );
+        }
+        let mode = root.join("sub").metadata().unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o750);
+    }
+}
+
+#[tokio::test]
+async fn a_directory_never_replaces_a_file() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("tree");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"f").unwrap();
+    let file = t.path().join("file");
+    std::fs::write(&file, b"keep").unwrap();
+    let err = cp(&["-r", &s(&src), &remote("a", &file)])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}

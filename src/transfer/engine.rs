@@ -11,11 +11,12 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, Context, Result};
 use futures::future::try_join_all;
 
-use super::fs::{Fs, Kind, Meta, Reader};
+use super::fs::{Fs, Kind, Meta, Reader, Writer};
 use super::pipe::{copy_range, Budget};
 use super::proto;
 use super::sftp;
@@ -143,9 +144,15 @@ impl Engine {
                 }
             }
         }
-        let before = self.progress.bytes();
+        let moved = AtomicU64::new(0);
+        let on_bytes = |n: u64| {
+            moved.fetch_add(n, Ordering::Relaxed);
+            self.progress.add_bytes(n);
+        };
         let result = self
-            .fill(src, src_path, meta, dst, dst_path, &temp, start, slot)
+            .fill(
+                src, src_path, meta, dst, dst_path, &temp, start, slot, &on_bytes,
+            )
             .await;
         match result {
             Ok(()) => {
@@ -153,8 +160,7 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                self.progress
-                    .sub_bytes(self.progress.bytes().saturating_sub(before).min(meta.size));
+                self.progress.sub_bytes(moved.load(Ordering::Relaxed));
                 let e = self.diagnose(e, dst, dst_path, meta.size - start).await;
                 if !self.opts.resume {
                     if let Err(rm) = dst.remove(&temp).await {
@@ -177,6 +183,7 @@ impl Engine {
         temp: &Path,
         start: u64,
         slot: usize,
+        on_bytes: &(dyn Fn(u64) + Sync),
     ) -> Result<()> {
         let chunk = src.chunk().await?.min(dst.chunk().await?);
         // Open both ends at once: one round trip, not two, per small file.
@@ -184,19 +191,8 @@ impl Engine {
             dst.open_write(temp, slot, true, start > 0),
             src.open_read(src_path, slot)
         );
-        let (first, reader0) = match (w, r) {
-            (Ok(w), Ok(r)) => (w, r),
-            (Ok(w), Err(e)) => {
-                let _ = w.finish(None, None).await;
-                return Err(e);
-            }
-            (Err(e), Ok(r)) => {
-                let _ = r.close().await;
-                return Err(e);
-            }
-            (Err(e), Err(_)) => return Err(e),
-        };
-        self.progress.add_bytes(start);
+        let (first, reader0) = pair(w, r).await?;
+        on_bytes(start);
         let ranges = split(
             start,
             meta.size,
@@ -216,14 +212,16 @@ impl Engine {
                     dst.open_write(temp, slot, false, false),
                     src.open_read(src_path, slot)
                 );
-                let (w, reader) = (w?, r?);
-                let res = self.range(&reader, &w, from, to, chunk, labels).await;
+                let (w, reader) = pair(w, r).await?;
+                let res = self
+                    .range((&reader, &w), (from, to), chunk, labels, on_bytes)
+                    .await;
                 let (closed, finished) = futures::join!(reader.close(), w.finish(None, None));
                 res.and(closed).and(finished)
             }
         });
         let filled = futures::future::try_join(
-            self.range(&reader0, &first, from0, to0, chunk, &labels),
+            self.range((&reader0, &first), (from0, to0), chunk, &labels, on_bytes),
             try_join_all(more),
         )
         .await;
@@ -238,23 +236,13 @@ impl Engine {
 
     async fn range(
         &self,
-        reader: &Reader,
-        writer: &super::fs::Writer,
-        from: u64,
-        to: u64,
+        (reader, writer): (&Reader, &Writer),
+        span: (u64, u64),
         chunk: u32,
         labels: &(String, String),
+        on_bytes: &(dyn Fn(u64) + Sync),
     ) -> Result<()> {
-        copy_range(
-            reader,
-            writer,
-            (from, to),
-            chunk,
-            &self.budget,
-            &self.progress,
-            labels,
-        )
-        .await
+        copy_range(reader, writer, span, chunk, &self.budget, on_bytes, labels).await
     }
 
     /// Turn a bare remote "failure" during a write into "no space left" when the far side
@@ -282,6 +270,22 @@ impl Engine {
             ),
             _ => e,
         }
+    }
+}
+
+/// Both ends opened, or neither left open.
+async fn pair(w: Result<Writer>, r: Result<Reader>) -> Result<(Writer, Reader)> {
+    match (w, r) {
+        (Ok(w), Ok(r)) => Ok((w, r)),
+        (Ok(w), Err(e)) => {
+            let _ = w.finish(None, None).await;
+            Err(e)
+        }
+        (Err(e), Ok(r)) => {
+            let _ = r.close().await;
+            Err(e)
+        }
+        (Err(e), Err(_)) => Err(e),
     }
 }
 

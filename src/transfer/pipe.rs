@@ -15,7 +15,6 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::Semaphore;
 
 use super::fs::{Reader, Writer};
-use crate::progress::Progress;
 
 /// Shared limits for everything in flight in one transfer.
 pub struct Budget {
@@ -37,14 +36,15 @@ impl Budget {
     }
 }
 
-/// Copy bytes `start..end` at the same offsets; fails if the source ends early.
+/// Copy bytes `start..end` at the same offsets, reporting each chunk written to `on_bytes`;
+/// fails if the source ends early.
 pub async fn copy_range(
     src: &Reader,
     dst: &Writer,
     (start, end): (u64, u64),
     chunk: u32,
     budget: &Budget,
-    progress: &Progress,
+    on_bytes: &(dyn Fn(u64) + Sync),
     (src_name, dst_name): &(String, String),
 ) -> Result<()> {
     let max_writes = if dst.is_local() && budget.ordered {
@@ -88,7 +88,7 @@ pub async fn copy_range(
                 });
             }
             Some(done) = writes.next(), if !writes.is_empty() => {
-                progress.add_bytes(done.with_context(|| dst_name.clone())? as u64);
+                on_bytes(done.with_context(|| dst_name.clone())? as u64);
             }
         }
     }
