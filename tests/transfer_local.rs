@@ -403,11 +403,16 @@ async fn disk_full_on_the_far_side_removes_the_temporary() {
 struct Cut<T> {
     inner: T,
     left: Arc<AtomicI64>,
+    /// Hang instead of failing once the budget is spent.
+    stall: bool,
 }
 
 impl<T> Cut<T> {
     fn check(&self) -> std::io::Result<usize> {
         let left = self.left.load(Ordering::SeqCst);
+        if left <= 0 && self.stall {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
         if left <= 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
@@ -418,13 +423,24 @@ impl<T> Cut<T> {
     }
 }
 
+/// A stalled stream never becomes ready (nothing will wake it); a cut one fails.
+fn stall_or<T>(e: std::io::Error) -> Poll<std::io::Result<T>> {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Poll::Pending
+    } else {
+        Poll::Ready(Err(e))
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Cut<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.check()?;
+        if let Err(e) = self.check() {
+            return stall_or(e);
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
@@ -441,7 +457,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Cut<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let left = self.check()?;
+        let left = match self.check() {
+            Ok(left) => left,
+            Err(e) => return stall_or(e),
+        };
         let data = &data[..data.len().min(left)];
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
@@ -460,6 +479,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Cut<T> {
 struct Cutting {
     inner: Subprocess,
     left: Arc<AtomicI64>,
+    stall: bool,
 }
 
 impl Opener for Cutting {
@@ -469,6 +489,7 @@ impl Opener for Cutting {
             let io: Box<dyn RemoteIo> = Box::new(Cut {
                 inner: io,
                 left: self.left.clone(),
+                stall: self.stall,
             });
             Ok(io)
         })
@@ -485,6 +506,7 @@ fn cutting_after(bytes: i64) -> With<Cutting> {
     With(Arc::new(Cutting {
         inner: Subprocess::new().unwrap(),
         left: Arc::new(AtomicI64::new(bytes)),
+        stall: false,
     }))
 }
 
@@ -785,4 +807,27 @@ async fn a_directory_never_replaces_a_file() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
+
+#[tokio::test]
+async fn abandoned_copy_removes_its_temporary() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    random_file(&src, 16 * 1024 * 1024);
+    let dst = t.path().join("dst");
+    // The link stalls mid-file; then the copy is dropped, the way Ctrl-C stops it.
+    let (from, to) = (remote("a", &src), s(&dst));
+    let args = [from.as_str(), to.as_str()];
+    let stalled = With(Arc::new(Cutting {
+        inner: Subprocess::new().unwrap(),
+        left: Arc::new(AtomicI64::new(4 << 20)),
+        stall: true,
+    }));
+    let copy = cp_with(&stalled, &args);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(2), copy).await;
+    assert!(
+        r.is_err(),
+        "the stalled copy should still be running: {r:?}"
+    );
+    assert_eq!(entries(t.path()), ["src"]);
 }

@@ -149,11 +149,17 @@ impl Engine {
             moved.fetch_add(n, Ordering::Relaxed);
             self.progress.add_bytes(n);
         };
+        let mut guard = Abandoned {
+            fs: dst,
+            path: &temp,
+            armed: !self.opts.resume,
+        };
         let result = self
             .fill(
                 src, src_path, meta, dst, dst_path, &temp, start, slot, &on_bytes,
             )
             .await;
+        guard.armed = false;
         match result {
             Ok(()) => {
                 self.progress.file_done();
@@ -269,6 +275,38 @@ impl Engine {
                 }
             ),
             _ => e,
+        }
+    }
+}
+
+/// Removes a temporary file when its copy is abandoned mid-way (the future dropped, as on
+/// Ctrl-C); finished or failed copies disarm it and clean up themselves.
+struct Abandoned<'a> {
+    fs: &'a Fs,
+    path: &'a Path,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        match self.fs {
+            Fs::Local => {
+                let _ = std::fs::remove_file(self.path);
+            }
+            Fs::Remote(r) => {
+                // Best effort: runs only if the runtime lives on long enough.
+                let (r, p) = (r.clone(), self.path.to_path_buf());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Ok(c) = r.client(0).await {
+                            let _ = c.remove(&p).await;
+                        }
+                    });
+                }
+            }
         }
     }
 }
