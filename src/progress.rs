@@ -16,6 +16,8 @@ pub struct Progress {
     total_files: AtomicU64,
     started: Instant,
     bar: Option<ProgressBar>,
+    /// Print a summary line at the end (`-v`, where a bar may be impossible: a pipe).
+    verbose: bool,
 }
 
 /// What a finished transfer reports.
@@ -28,7 +30,8 @@ pub struct Summary {
 }
 
 impl Progress {
-    /// A bar when stderr is a terminal (or when `verbose`), unless `quiet`.
+    /// A bar when stderr is a terminal, unless `quiet`; with `verbose` also a summary line at
+    /// the end (the only output on a pipe, where indicatif draws nothing).
     pub fn new(quiet: bool, verbose: bool) -> Progress {
         let show = !quiet && (verbose || std::io::stderr().is_terminal());
         let bar = show.then(|| {
@@ -46,6 +49,7 @@ impl Progress {
             total_files: AtomicU64::new(0),
             started: Instant::now(),
             bar,
+            verbose: verbose && !quiet,
         }
     }
 
@@ -107,7 +111,7 @@ impl Progress {
         }
         let seconds = self.started.elapsed().as_secs_f64();
         let bytes = self.bytes();
-        Summary {
+        let summary = Summary {
             files: self.files.load(Ordering::Relaxed),
             bytes,
             seconds,
@@ -116,6 +120,13 @@ impl Progress {
             } else {
                 0.0
             },
+        };
+        if self.verbose {
+            eprintln!(
+                "vtun: {} files, {} bytes in {:.2} s ({:.1} MB/s)",
+                summary.files, summary.bytes, summary.seconds, summary.mb_per_s
+            );
         }
+        summary
     }
 }

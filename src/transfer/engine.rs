@@ -163,6 +163,7 @@ impl Engine {
         match result {
             Ok(()) => {
                 self.progress.file_done();
+                tracing::info!(from = %src.show(src_path), to = %dst.show(dst_path), bytes = meta.size, "copied");
                 Ok(())
             }
             Err(e) => {
