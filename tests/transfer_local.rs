@@ -831,3 +831,25 @@ async fn abandoned_copy_removes_its_temporary() {
     );
     assert_eq!(entries(t.path()), ["src"]);
 }
+
+#[tokio::test]
+async fn copy_within_one_host_is_identical() {
+    // Same host on both sides: the server copies (copy-data) when it can.
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    random_file(&src, 5 * 1024 * 1024 + 3);
+    let dst = t.path().join("dst");
+    std::fs::write(&dst, b"old").unwrap();
+    cp(&[&remote("a", &src), &remote("a", &dst)]).await.unwrap();
+    assert_eq!(hash(&dst), hash(&src));
+    let tree = t.path().join("tree");
+    make_tree(&tree);
+    cp(&[
+        "-r",
+        &remote("a", &tree),
+        &remote("a", &t.path().join("tree2")),
+    ])
+    .await
+    .unwrap();
+    assert_same_tree(&tree, &t.path().join("tree2"));
+}

@@ -200,6 +200,15 @@ impl Engine {
         );
         let (first, reader0) = pair(w, r).await?;
         on_bytes(start);
+        if let Some(copied) = server_side(&reader0, &first, start, meta.size, on_bytes).await {
+            let times = self.opts.preserve.then_some((meta.atime, meta.mtime));
+            let (closed, finished) =
+                futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
+            copied.with_context(|| dst.show(dst_path))?;
+            finished.with_context(|| dst.show(temp))?;
+            closed.with_context(|| src.show(src_path))?;
+            return dst.rename(temp, dst_path).await;
+        }
         let ranges = split(
             start,
             meta.size,
@@ -310,6 +319,36 @@ impl Drop for Abandoned<'_> {
             }
         }
     }
+}
+
+/// Bytes per server-side copy request (one request per step, so progress moves).
+const SERVER_COPY_STEP: u64 = 64 * 1024 * 1024;
+
+/// Copy on the server when both handles live in one session that offers `copy-data` (VM→VM on
+/// the same VM): the data never crosses the link. `None` when that is not possible.
+async fn server_side(
+    reader: &Reader,
+    writer: &Writer,
+    start: u64,
+    end: u64,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Option<Result<()>> {
+    let (Reader::Remote(a, from), Writer::Remote(b, to)) = (reader, writer) else {
+        return None;
+    };
+    if !a.same_session(b) || !a.has("copy-data") {
+        return None;
+    }
+    let mut off = start;
+    while off < end {
+        let len = (end - off).min(SERVER_COPY_STEP);
+        if let Err(e) = a.copy_data((from, off), len, (to, off)).await {
+            return Some(Err(e));
+        }
+        on_bytes(len);
+        off += len;
+    }
+    Some(Ok(()))
 }
 
 /// Both ends opened, or neither left open.

@@ -248,6 +248,11 @@ impl Sftp {
         Ok(sftp)
     }
 
+    /// Whether `other` is this very session (handles are only valid within one).
+    pub fn same_session(&self, other: &Sftp) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Whether the server announced extension `name` (e.g. `posix-rename@openssh.com`).
     pub fn has(&self, name: &str) -> bool {
         self.inner.extensions.contains(name)
@@ -495,6 +500,27 @@ impl Sftp {
             })
             .await?
         };
+        expect_ok(k, &mut p)
+    }
+
+    /// Server-side copy (`copy-data`, OpenSSH ≥ 9.0): `len` bytes from `from` at `from_off` to
+    /// `to` at `to_off`, without the data crossing the link. Both handles belong to this session.
+    pub async fn copy_data(
+        &self,
+        (from, from_off): (&Handle, u64),
+        len: u64,
+        (to, to_off): (&Handle, u64),
+    ) -> Result<()> {
+        let (k, mut p) = self
+            .call(proto::EXTENDED, |b| {
+                put_str(b, b"copy-data");
+                put_str(b, from);
+                b.put_u64(from_off);
+                b.put_u64(len);
+                put_str(b, to);
+                b.put_u64(to_off);
+            })
+            .await?;
         expect_ok(k, &mut p)
     }
 
