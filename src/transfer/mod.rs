@@ -1,7 +1,8 @@
 //! Moving file contents: pipelined SFTP, parallel channels, atomic writes. Used by cp and sync.
 //!
 //! Layers, bottom up: `proto` (SFTP v3 wire format), `sftp` (a pipelined client over one
-//! stream), `fs` (local disk and remote hosts behind one interface, listings validated),
+//! stream), `fs` (local disk and remote hosts behind one interface, listings validated), `handle`
+//! (open files, positional I/O started eagerly),
 //! `pipe` (one byte range with many requests in flight), `engine` (atomic whole-file copies,
 //! parallel ranges, scp placement rules), `tree` (recursive copies), `cp` and `bench` (commands).
 //! The one non-obvious choice: speed on a long link comes from many outstanding 256 KiB
@@ -12,6 +13,7 @@ pub mod bench;
 pub mod cp;
 pub mod engine;
 pub mod fs;
+pub mod handle;
 pub mod pipe;
 pub mod proto;
 pub mod sftp;
