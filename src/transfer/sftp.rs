@@ -634,3 +634,98 @@ async fn writer<W: tokio::io::AsyncWrite + Unpin>(
     };
     shut_down(&inner, why);
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    /// Answer INIT, then collect `n` READ requests and answer them in reverse order, each with
+    /// its own id as data; then send `tail` raw bytes.
+    async fn reversing_server(mut io: DuplexStream, n: usize, tail: Vec<u8>) {
+        let len = io.read_u32().await.unwrap();
+        let mut init = vec![0; len as usize];
+        io.read_exact(&mut init).await.unwrap();
+        let mut version = BytesMut::new();
+        version.put_u32(5);
+        version.put_u8(proto::VERSION);
+        version.put_u32(3);
+        io.write_all(&version).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let len = io.read_u32().await.unwrap();
+            let mut body = vec![0; len as usize];
+            io.read_exact(&mut body).await.unwrap();
+            ids.push(u32::from_be_bytes([body[1], body[2], body[3], body[4]]));
+        }
+        for id in ids.into_iter().rev() {
+            let mut b = BytesMut::new();
+            b.put_u32(1 + 4 + 4 + 4);
+            b.put_u8(proto::DATA);
+            b.put_u32(id);
+            put_str(&mut b, &id.to_be_bytes());
+            io.write_all(&b).await.unwrap();
+        }
+        io.write_all(&tail).await.unwrap();
+        // Keep the stream open until the client is done.
+        let _ = io.read_u8().await;
+    }
+
+    #[tokio::test]
+    async fn replies_in_any_order_reach_their_requests() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(reversing_server(server, 20, Vec::new()));
+        let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        assert_eq!(sftp.max_read(), DEFAULT_CHUNK);
+        let h = Bytes::from_static(b"h");
+        let pending: Vec<_> = (0..20)
+            .map(|i| sftp.read_start(&h, i * 10, 10).unwrap())
+            .collect();
+        let mut seen = Vec::new();
+        for p in pending {
+            let data = p.data().await.unwrap().unwrap();
+            seen.push(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted, "each reply went to the request with its id");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_reply_fails_every_waiter_without_panicking() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        // A reply for an id nobody asked for, then a truncated packet.
+        let mut tail = BytesMut::new();
+        tail.put_u32(9);
+        tail.put_u8(proto::STATUS);
+        tail.put_u32(999_999);
+        tail.put_u32(0);
+        tokio::spawn(reversing_server(server, 0, tail.to_vec()));
+        let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        let err = sftp.stat(Path::new("/x")).await.unwrap_err();
+        assert!(is_closed(&err), "{err:#}");
+        // Later requests fail at once instead of hanging.
+        let err = sftp.stat(Path::new("/y")).await.unwrap_err();
+        assert!(is_closed(&err), "{err:#}");
+    }
+
+    #[test]
+    fn status_codes_read_as_clear_words() {
+        let e = SftpError::Status {
+            code: proto::FX_NO_SUCH_FILE,
+            message: "No such file".into(),
+        };
+        assert_eq!(e.to_string(), "no such file or directory");
+        let e = SftpError::Status {
+            code: proto::FX_PERMISSION_DENIED,
+            message: String::new(),
+        };
+        assert_eq!(e.to_string(), "permission denied");
+        let e = SftpError::Status {
+            code: proto::FX_FAILURE,
+            message: "Failure".into(),
+        };
+        assert_eq!(e.to_string(), "operation failed on the remote side");
+    }
+}
