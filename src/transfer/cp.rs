@@ -1,0 +1,85 @@
+//! `vtun cp`: turn operands into file systems (one connection per distinct host), run the
+//! engine, report. Every host is connected through the [`Connector`] once and shared by all
+//! operands naming it, so `a:x a:y b:` opens two connections, not three.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use super::engine::{Engine, Options};
+use super::fs::{Fs, RemoteFs};
+use super::sftp;
+use crate::cli::CpArgs;
+use crate::error::Failure;
+use crate::progress::Progress;
+use crate::remote::Connector;
+use crate::settings::Settings;
+use crate::target::{Host, Location};
+
+/// Run `vtun cp`; `Ok(0)` when every source was copied.
+pub async fn cp(settings: &Settings, args: &CpArgs, connector: &dyn Connector) -> Result<u8> {
+    if args.paths.len() < 2 {
+        bail!("cp needs at least one source and a destination");
+    }
+    if args.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    let locations = args
+        .paths
+        .iter()
+        .map(|s| Location::parse(s, &settings.domain))
+        .collect::<Result<Vec<_>>>()?;
+    let mut hosts: Vec<(Host, Fs)> = Vec::new();
+    let mut resolved = Vec::with_capacity(locations.len());
+    for loc in &locations {
+        resolved.push(match loc {
+            Location::Local(p) => (Fs::Local, p.clone()),
+            Location::Remote { host, path } => {
+                let fs = match hosts.iter().find(|(h, _)| h == host) {
+                    Some((_, fs)) => fs.clone(),
+                    None => {
+                        let opener = connector.connect(host).await?;
+                        let fs = Fs::Remote(Arc::new(RemoteFs::new(opener, args.parallel)));
+                        hosts.push((host.clone(), fs.clone()));
+                        fs
+                    }
+                };
+                (fs, PathBuf::from(path))
+            }
+        });
+    }
+    let Some((dst, dst_path)) = resolved.pop() else {
+        bail!("cp needs a destination");
+    };
+    let opts = Options {
+        recursive: args.recursive,
+        preserve: args.preserve,
+        resume: args.resume,
+        parallel: args.parallel,
+    };
+    let progress = Progress::new(settings.quiet, settings.verbose > 0);
+    let engine = Engine::new(opts, progress);
+    let mut errors = engine.copy_many(&resolved, &dst, &dst_path).await;
+    let summary = engine.progress.finish();
+    tracing::info!(
+        files = summary.files,
+        bytes = summary.bytes,
+        seconds = summary.seconds,
+        mb_per_s = summary.mb_per_s,
+        "copy finished"
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    let Some(last) = errors.pop() else {
+        return Ok(0);
+    };
+    for e in &errors {
+        eprintln!("vtun: {e:#}");
+    }
+    if sftp::is_closed(&last) {
+        return Err(Failure::connection(format!("{last:#}")));
+    }
+    Err(last)
+}

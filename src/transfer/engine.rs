@@ -1,0 +1,458 @@
+//! The copy engine: whole files moved atomically, large ones split into ranges over several
+//! SFTP streams, and scp's rules for where each source lands.
+//!
+//! Atomicity: a file is written under a temporary name in its destination directory and renamed
+//! over the final name only when complete, so a cut copy never leaves a truncated file there and
+//! never destroys the previous version. Without `--resume` the temporary name is random and
+//! removed on failure; with it the name is fixed (`.NAME.vtun.part`) and kept, and a later
+//! `--resume` run continues from its size. A resumable copy is written as one ordered range (see
+//! `pipe`), because parallel ranges would leave holes that a size cannot describe.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{anyhow, Context, Result};
+use futures::future::try_join_all;
+
+use super::fs::{Fs, Kind, Meta, Reader, Writer};
+use super::pipe::{copy_range, Budget};
+use super::proto;
+use super::sftp;
+use crate::progress::Progress;
+
+/// Files at least this large are split into parallel ranges.
+const SPLIT_MIN: u64 = 8 * 1024 * 1024;
+/// No range is smaller than this.
+const RANGE_MIN: u64 = 4 * 1024 * 1024;
+/// Requests in flight per range.
+const DEPTH: usize = 32;
+/// Chunks buffered or in flight across the whole transfer (256 × 256 KiB = 64 MiB).
+const MAX_CHUNKS: usize = 256;
+
+/// How a transfer behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Copy directories recursively.
+    pub recursive: bool,
+    /// Keep access and modification times (modes are always kept).
+    pub preserve: bool,
+    /// Keep and continue partial files.
+    pub resume: bool,
+    /// SFTP streams per host; also ranges per large file.
+    pub parallel: usize,
+}
+
+/// A configured transfer: options, memory budget and progress.
+pub struct Engine {
+    pub opts: Options,
+    pub(crate) budget: Budget,
+    pub progress: Progress,
+}
+
+impl Engine {
+    pub fn new(opts: Options, progress: Progress) -> Engine {
+        Engine {
+            budget: Budget::new(MAX_CHUNKS, DEPTH, opts.resume),
+            opts,
+            progress,
+        }
+    }
+
+    /// scp semantics: each source goes inside `dst` when it is an existing directory, else
+    /// becomes `dst` (one source only). Returns every failure; what completed stays.
+    pub async fn copy_many(
+        &self,
+        sources: &[(Fs, PathBuf)],
+        dst: &Fs,
+        dst_path: &Path,
+    ) -> Vec<anyhow::Error> {
+        let dst_meta = match dst.stat(dst_path).await {
+            Ok(m) => m,
+            Err(e) => return vec![e],
+        };
+        let dst_is_dir = dst_meta.is_some_and(|m| m.kind == Kind::Dir);
+        if sources.len() > 1 && !dst_is_dir {
+            return vec![anyhow!(
+                "{}: not a directory (several sources need an existing directory as destination)",
+                dst.show(dst_path)
+            )];
+        }
+        let mut errors = Vec::new();
+        for (src, path) in sources {
+            if let Err(e) = self
+                .copy_one(src, path, dst, dst_path, dst_is_dir, &mut errors)
+                .await
+            {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    async fn copy_one(
+        &self,
+        src: &Fs,
+        path: &Path,
+        dst: &Fs,
+        dst_path: &Path,
+        dst_is_dir: bool,
+        errors: &mut Vec<anyhow::Error>,
+    ) -> Result<()> {
+        let meta = src
+            .stat(path)
+            .await?
+            .ok_or_else(|| anyhow!("{}: no such file or directory", src.show(path)))?;
+        let target = if dst_is_dir {
+            dst_path.join(base_name(src, path).await?)
+        } else {
+            dst_path.to_path_buf()
+        };
+        match meta.kind {
+            Kind::File => {
+                self.progress.add_total(1, meta.size);
+                self.copy_file(src, path, &meta, dst, &target, 0).await
+            }
+            Kind::Dir if self.opts.recursive => {
+                errors.extend(super::tree::copy_tree(self, src, path, &meta, dst, &target).await);
+                Ok(())
+            }
+            Kind::Dir => Err(anyhow!("{}: is a directory (use -r)", src.show(path))),
+            _ => Err(anyhow!("{}: not a regular file", src.show(path))),
+        }
+    }
+
+    /// Copy one regular file atomically to `dst_path` (replacing what is there), using SFTP
+    /// stream `slot` (and the following ones for parallel ranges).
+    pub async fn copy_file(
+        &self,
+        src: &Fs,
+        src_path: &Path,
+        meta: &Meta,
+        dst: &Fs,
+        dst_path: &Path,
+        slot: usize,
+    ) -> Result<()> {
+        let temp = temp_path(dst_path, self.opts.resume);
+        let mut start = 0;
+        if self.opts.resume {
+            if let Ok(Some(m)) = dst.lstat(&temp).await {
+                if m.kind == Kind::File && m.size <= meta.size {
+                    start = m.size;
+                    tracing::info!(file = %dst.show(dst_path), offset = start, "resuming");
+                }
+            }
+        }
+        let moved = AtomicU64::new(0);
+        let on_bytes = |n: u64| {
+            moved.fetch_add(n, Ordering::Relaxed);
+            self.progress.add_bytes(n);
+        };
+        let mut guard = Abandoned {
+            fs: dst,
+            path: &temp,
+            armed: !self.opts.resume,
+        };
+        let result = self
+            .fill(
+                src, src_path, meta, dst, dst_path, &temp, start, slot, &on_bytes,
+            )
+            .await;
+        guard.armed = false;
+        match result {
+            Ok(()) => {
+                self.progress.file_done();
+                tracing::info!(from = %src.show(src_path), to = %dst.show(dst_path), bytes = meta.size, "copied");
+                Ok(())
+            }
+            Err(e) => {
+                self.progress.sub_bytes(moved.load(Ordering::Relaxed));
+                let e = self.diagnose(e, dst, dst_path, meta.size - start).await;
+                if !self.opts.resume {
+                    if let Err(rm) = dst.remove(&temp).await {
+                        tracing::debug!("could not remove {}: {rm:#}", dst.show(&temp));
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fill(
+        &self,
+        src: &Fs,
+        src_path: &Path,
+        meta: &Meta,
+        dst: &Fs,
+        dst_path: &Path,
+        temp: &Path,
+        start: u64,
+        slot: usize,
+        on_bytes: &(dyn Fn(u64) + Sync),
+    ) -> Result<()> {
+        let chunk = src.chunk().await?.min(dst.chunk().await?);
+        // Open both ends at once: one round trip, not two, per small file.
+        let (w, r) = futures::join!(
+            dst.open_write(temp, slot, true, start > 0),
+            src.open_read(src_path, slot)
+        );
+        let (first, reader0) = pair(w, r).await?;
+        on_bytes(start);
+        if let Some(copied) = server_side(&reader0, &first, start, meta.size, on_bytes).await {
+            let times = self.opts.preserve.then_some((meta.atime, meta.mtime));
+            let (closed, finished) =
+                futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
+            copied.with_context(|| dst.show(dst_path))?;
+            finished.with_context(|| dst.show(temp))?;
+            closed.with_context(|| src.show(src_path))?;
+            return dst.rename(temp, dst_path).await;
+        }
+        let ranges = split(
+            start,
+            meta.size,
+            if self.opts.resume {
+                1
+            } else {
+                self.opts.parallel
+            },
+        );
+        let labels = (src.show(src_path), dst.show(dst_path));
+        let (from0, to0) = ranges[0];
+        let more = ranges[1..].iter().enumerate().map(|(i, &(from, to))| {
+            let labels = &labels;
+            let slot = slot + i + 1;
+            async move {
+                let (w, r) = futures::join!(
+                    dst.open_write(temp, slot, false, false),
+                    src.open_read(src_path, slot)
+                );
+                let (w, reader) = pair(w, r).await?;
+                let res = self
+                    .range((&reader, &w), (from, to), chunk, labels, on_bytes)
+                    .await;
+                let (closed, finished) = futures::join!(reader.close(), w.finish(None, None));
+                res.and(closed).and(finished)
+            }
+        });
+        let filled = futures::future::try_join(
+            self.range((&reader0, &first), (from0, to0), chunk, &labels, on_bytes),
+            try_join_all(more),
+        )
+        .await;
+        let times = self.opts.preserve.then_some((meta.atime, meta.mtime));
+        let (closed, finished) =
+            futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
+        filled?;
+        finished.with_context(|| dst.show(temp))?;
+        closed.with_context(|| src.show(src_path))?;
+        dst.rename(temp, dst_path).await
+    }
+
+    async fn range(
+        &self,
+        (reader, writer): (&Reader, &Writer),
+        span: (u64, u64),
+        chunk: u32,
+        labels: &(String, String),
+        on_bytes: &(dyn Fn(u64) + Sync),
+    ) -> Result<()> {
+        copy_range(reader, writer, span, chunk, &self.budget, on_bytes, labels).await
+    }
+
+    /// Turn a bare remote "failure" during a write into "no space left" when the far side
+    /// reports too little free space for what remained.
+    async fn diagnose(
+        &self,
+        e: anyhow::Error,
+        dst: &Fs,
+        dst_path: &Path,
+        remaining: u64,
+    ) -> anyhow::Error {
+        if !dst.is_remote() || sftp::status_of(&e) != Some(proto::FX_FAILURE) {
+            return e;
+        }
+        let dir = dst_path.parent().unwrap_or(Path::new("."));
+        match dst.free_space(dir).await {
+            Some(free) if free < remaining => anyhow!(
+                "{}: no space left on device ({free} bytes free); the partial file was {}",
+                dst.show(dst_path),
+                if self.opts.resume {
+                    "kept for --resume"
+                } else {
+                    "removed"
+                }
+            ),
+            _ => e,
+        }
+    }
+}
+
+/// Removes a temporary file when its copy is abandoned mid-way (the future dropped, as on
+/// Ctrl-C); finished or failed copies disarm it and clean up themselves.
+struct Abandoned<'a> {
+    fs: &'a Fs,
+    path: &'a Path,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        match self.fs {
+            Fs::Local => {
+                let _ = std::fs::remove_file(self.path);
+            }
+            Fs::Remote(r) => {
+                // Best effort: runs only if the runtime lives on long enough.
+                let (r, p) = (r.clone(), self.path.to_path_buf());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Ok(c) = r.client(0).await {
+                            let _ = c.remove(&p).await;
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Bytes per server-side copy request (one request per step, so progress moves).
+const SERVER_COPY_STEP: u64 = 64 * 1024 * 1024;
+
+/// Copy on the server when both handles live in one session that offers `copy-data` (VM→VM on
+/// the same VM): the data never crosses the link. `None` when that is not possible.
+async fn server_side(
+    reader: &Reader,
+    writer: &Writer,
+    start: u64,
+    end: u64,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Option<Result<()>> {
+    let (Reader::Remote(a, from), Writer::Remote(b, to)) = (reader, writer) else {
+        return None;
+    };
+    if !a.same_session(b) || !a.has("copy-data") {
+        return None;
+    }
+    let mut off = start;
+    while off < end {
+        let len = (end - off).min(SERVER_COPY_STEP);
+        if let Err(e) = a.copy_data((from, off), len, (to, off)).await {
+            return Some(Err(e));
+        }
+        on_bytes(len);
+        off += len;
+    }
+    Some(Ok(()))
+}
+
+/// Both ends opened, or neither left open.
+async fn pair(w: Result<Writer>, r: Result<Reader>) -> Result<(Writer, Reader)> {
+    match (w, r) {
+        (Ok(w), Ok(r)) => Ok((w, r)),
+        (Ok(w), Err(e)) => {
+            let _ = w.finish(None, None).await;
+            Err(e)
+        }
+        (Err(e), Ok(r)) => {
+            let _ = r.close().await;
+            Err(e)
+        }
+        (Err(e), Err(_)) => Err(e),
+    }
+}
+
+/// The last component of a source path, as scp names the copy (`.`/`..`/`/` resolved first).
+async fn base_name(fs: &Fs, path: &Path) -> Result<OsString> {
+    let named = match path.file_name() {
+        Some(n) if !path.as_os_str().as_bytes().ends_with(b"/..") => Some(n.to_os_string()),
+        _ => None,
+    };
+    match named {
+        Some(n) => Ok(n),
+        None => fs
+            .canonical(path)
+            .await?
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: cannot copy a root directory into a directory",
+                    fs.show(path)
+                )
+            }),
+    }
+}
+
+/// `.<name>.vtun-<random>.part` beside `final_path`, or the fixed `.<name>.vtun.part` for
+/// `--resume`. Long names are shortened so the temporary name stays under NAME_MAX.
+pub fn temp_path(final_path: &Path, resumable: bool) -> PathBuf {
+    let name = final_path
+        .file_name()
+        .map(|n| n.as_bytes())
+        .unwrap_or(b"file");
+    let suffix = if resumable {
+        ".vtun.part".to_string()
+    } else {
+        format!(".vtun-{:08x}.part", rand::random::<u32>())
+    };
+    let keep = name.len().min(255 - 1 - suffix.len());
+    let mut t = Vec::with_capacity(255);
+    t.push(b'.');
+    t.extend_from_slice(&name[..keep]);
+    t.extend_from_slice(suffix.as_bytes());
+    final_path.with_file_name(OsString::from_vec(t))
+}
+
+/// Split `start..end` into up to `n` ranges of at least `RANGE_MIN` (one if small).
+pub fn split(start: u64, end: u64, n: usize) -> Vec<(u64, u64)> {
+    let len = end.saturating_sub(start);
+    let n = if len < SPLIT_MIN {
+        1
+    } else {
+        (n.max(1) as u64).min(len / RANGE_MIN).max(1)
+    };
+    // n ≤ len / RANGE_MIN, so every range is non-empty.
+    let step = len.div_ceil(n);
+    (0..n)
+        .map(|i| (start + i * step, (start + (i + 1) * step).min(end)))
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_sit_beside_the_final_name() {
+        let t = temp_path(Path::new("/d/file.txt"), true);
+        assert_eq!(t, Path::new("/d/.file.txt.vtun.part"));
+        let r = temp_path(Path::new("rel"), false);
+        let s = r.to_string_lossy();
+        assert!(s.starts_with(".rel.vtun-") && s.ends_with(".part"), "{s}");
+        let long = "x".repeat(255);
+        let t = temp_path(Path::new(&long), false);
+        assert!(t.file_name().map_or(0, |n| n.len()) <= 255);
+    }
+
+    #[test]
+    fn ranges_cover_the_file_exactly() {
+        assert_eq!(split(0, 0, 4), vec![(0, 0)]);
+        assert_eq!(split(0, 100, 4), vec![(0, 100)]);
+        let r = split(0, 24 << 20, 4);
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0].0, 0);
+        assert_eq!(r[3].1, 24 << 20);
+        for w in r.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+        }
+        assert_eq!(split(0, 9 << 20, 8).len(), 2);
+        assert_eq!(split(5, 9 << 20, 1), vec![(5, 9 << 20)]);
+    }
+}

@@ -1,0 +1,165 @@
+//! Open files on either side of a copy, read and written by offset so parallel ranges can
+//! share one file. Every call *starts* its I/O before returning (a remote request is on the
+//! wire, a local pread/pwrite is queued on the blocking pool) and hands back a future for the
+//! result: that is what lets `pipe` keep many requests in flight without spawning tasks.
+
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::fs::io_text;
+use super::proto::Attrs;
+use super::sftp::{Handle, Sftp};
+
+/// An open source file; reads are positional so ranges can share it.
+pub enum Reader {
+    Local(Arc<std::fs::File>),
+    Remote(Sftp, Handle),
+}
+
+impl Reader {
+    /// Start reading `len` bytes at `offset` now (a remote request goes on the wire before this
+    /// returns); the future yields fewer bytes only at end of file.
+    pub fn read_at(&self, offset: u64, len: u32) -> Result<BoxFuture<'static, Result<Bytes>>> {
+        match self {
+            Reader::Local(f) => {
+                let f = f.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match f.read_at(&mut buf[got..], offset + got as u64) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(anyhow!("read: {}", io_text(&e))),
+                        }
+                    }
+                    buf.truncate(got);
+                    Ok(Bytes::from(buf))
+                });
+                Ok(async move { job.await? }.boxed())
+            }
+            Reader::Remote(c, h) => {
+                let first = c.read_start(h, offset, len)?;
+                let (c, h) = (c.clone(), h.clone());
+                Ok(async move {
+                    let Some(data) = first.data().await? else {
+                        return Ok(Bytes::new());
+                    };
+                    if data.len() >= len as usize {
+                        return Ok(data);
+                    }
+                    // A short read before EOF (a server with a smaller limit): fetch the rest.
+                    let mut buf = bytes::BytesMut::from(&data[..]);
+                    while buf.len() < len as usize {
+                        let off = offset + buf.len() as u64;
+                        let want = len - buf.len() as u32;
+                        match c.read_start(&h, off, want)?.data().await? {
+                            Some(more) if !more.is_empty() => buf.extend_from_slice(&more),
+                            _ => break,
+                        }
+                    }
+                    Ok(buf.freeze())
+                }
+                .boxed())
+            }
+        }
+    }
+
+    pub async fn close(self) -> Result<()> {
+        match self {
+            Reader::Local(_) => Ok(()),
+            Reader::Remote(c, h) => c.close(&h).await,
+        }
+    }
+}
+
+/// An open destination file.
+pub enum Writer {
+    Local(Arc<std::fs::File>),
+    Remote(Sftp, Handle),
+}
+
+impl Writer {
+    /// Start writing `data` at `offset` now; the future completes when it is written.
+    pub fn write_at(&self, offset: u64, data: Bytes) -> Result<BoxFuture<'static, Result<()>>> {
+        match self {
+            Writer::Local(f) => {
+                let f = f.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    f.write_all_at(&data, offset)
+                        .map_err(|e| anyhow!("write: {}", io_text(&e)))
+                });
+                Ok(async move { job.await? }.boxed())
+            }
+            Writer::Remote(c, h) => {
+                let p = c.write_start(h, offset, data)?;
+                Ok(async move { p.status().await.context("write") }.boxed())
+            }
+        }
+    }
+
+    /// Whether writes may complete out of order (local writes run on a thread pool).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Writer::Local(_))
+    }
+
+    /// Set mode/times on the open file, then close it.
+    pub async fn finish(self, mode: Option<u32>, times: Option<(i64, i64)>) -> Result<()> {
+        match self {
+            Writer::Local(f) => tokio::task::spawn_blocking(move || {
+                if let Some(m) = mode {
+                    f.set_permissions(std::fs::Permissions::from_mode(m))?;
+                }
+                if let Some((a, m)) = times {
+                    f.set_times(file_times(a, m))?;
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await?
+            .map_err(|e| anyhow!("{}", io_text(&e))),
+            Writer::Remote(c, h) => {
+                // Both requests go out together; the server runs them in order.
+                let set = async {
+                    match mode {
+                        Some(m) => c.fsetstat(&h, &attrs_for(m, times)).await,
+                        None => Ok(()),
+                    }
+                };
+                let (set, closed) = futures::join!(set, c.close(&h));
+                set.and(closed)
+            }
+        }
+    }
+}
+
+pub(super) fn attrs_for(mode: u32, times: Option<(i64, i64)>) -> Attrs {
+    Attrs {
+        perm: Some(mode),
+        times: times.map(|(a, m)| {
+            (
+                a.clamp(0, u32::MAX as i64) as u32,
+                m.clamp(0, u32::MAX as i64) as u32,
+            )
+        }),
+        ..Attrs::default()
+    }
+}
+
+pub(super) fn file_times(atime: i64, mtime: i64) -> std::fs::FileTimes {
+    let t = |s: i64| {
+        if s >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s as u64)
+        } else {
+            std::time::UNIX_EPOCH - std::time::Duration::from_secs(s.unsigned_abs())
+        }
+    };
+    std::fs::FileTimes::new()
+        .set_accessed(t(atime))
+        .set_modified(t(mtime))
+}
