@@ -67,6 +67,15 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<crate::ssh::SshError>().is_some() {
             return EXIT_CONNECT;
         }
+        // A channel whose session died (see ssh::channel): the connection, not the data.
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+            ) {
+                return EXIT_CONNECT;
+            }
+        }
     }
     1
 }

@@ -5,6 +5,7 @@ use clap::CommandFactory;
 
 use crate::cli::{Cli, Command};
 use crate::settings::Settings;
+use crate::ssh::SshConnector;
 
 pub fn run(cli: Cli) -> Result<u8> {
     init_logging(&cli);
@@ -20,10 +21,45 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::Ssh(a) => crate::exec::ssh(g, &a),
         Command::Exec(a) => crate::exec::exec(g, &a),
-        Command::Cp(_) | Command::Sync(_) | Command::Bench(_) => {
-            anyhow::bail!("this subcommand is not available in this build yet")
+        Command::Cp(a) => {
+            let settings = Settings::from_args(g, &a.identity.identity)?;
+            let (rt, c) = engine(&settings)?;
+            finish(rt, |rt| {
+                rt.block_on(crate::transfer::cp::cp(&settings, &a, &c))
+            })
+        }
+        Command::Sync(a) => {
+            let settings = Settings::from_args(g, &a.identity)?;
+            let (rt, c) = engine(&settings)?;
+            finish(rt, |rt| rt.block_on(crate::sync::sync(&settings, &a, &c)))
+        }
+        Command::Bench(a) => {
+            let settings = Settings::from_args(g, &a.identity.identity)?;
+            let (rt, c) = engine(&settings)?;
+            finish(rt, |rt| {
+                rt.block_on(crate::transfer::bench::bench(&settings, &a, &c))
+            })
         }
     }
+}
+
+/// A multi-threaded runtime and an SSH connector that shares one session per host.
+fn engine(settings: &Settings) -> Result<(tokio::runtime::Runtime, SshConnector)> {
+    Ok((
+        tokio::runtime::Runtime::new()?,
+        SshConnector::new(settings.clone()),
+    ))
+}
+
+/// Run on the runtime, then drop it without waiting for background tasks (stdin readers,
+/// idle channels) so the process exits as soon as the work is done.
+fn finish(
+    rt: tokio::runtime::Runtime,
+    f: impl FnOnce(&tokio::runtime::Runtime) -> Result<u8>,
+) -> Result<u8> {
+    let result = f(&rt);
+    rt.shutdown_background();
+    result
 }
 
 /// `tracing` to stderr only (stdout may be a data stream). Default: warnings, and info for the

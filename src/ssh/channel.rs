@@ -34,6 +34,31 @@ pub struct ChannelIo {
     pending: Bytes,
     eof: bool,
     writer: Pin<Box<dyn AsyncWrite + Send>>,
+    closed: Arc<Closed>,
+}
+
+/// Set by the pump when the channel or the whole session is gone. russh's writer would wait
+/// forever for window space that can no longer arrive, so writes check this first and a
+/// pending write is woken when it flips.
+#[derive(Default)]
+struct Closed {
+    flag: std::sync::atomic::AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Closed {
+    fn set(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn connection_lost() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection lost")
 }
 
 impl ChannelIo {
@@ -42,12 +67,14 @@ impl ChannelIo {
         let writer = Box::pin(channel.make_writer());
         let (rd, wr) = channel.split();
         let (tx, rx) = mpsc::channel(READ_QUEUE);
-        tokio::spawn(pump(rd, wr, tx, what));
+        let closed = Arc::new(Closed::default());
+        tokio::spawn(pump(rd, wr, tx, what, closed.clone()));
         ChannelIo {
             rx,
             pending: Bytes::new(),
             eof: false,
             writer,
+            closed,
         }
     }
 }
@@ -59,6 +86,7 @@ async fn pump(
     wr: ChannelWriteHalf<Msg>,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
     what: String,
+    closed: Arc<Closed>,
 ) {
     let mut ended = false;
     loop {
@@ -89,10 +117,20 @@ async fn pump(
                 ended = true;
                 let _ = tx.send(Ok(Bytes::new())).await;
             }
-            Some(ChannelMsg::Close) | None => break,
+            Some(ChannelMsg::Close) => break,
+            // The session ended without closing this channel: the connection is gone. The
+            // reader must see an error, not a clean EOF that would pass for a finished reply.
+            None => {
+                if !ended {
+                    ended = true;
+                    let _ = tx.try_send(Err(connection_lost()));
+                }
+                break;
+            }
             Some(_) => {}
         }
     }
+    closed.set();
     if !ended {
         let _ = tx.try_send(Ok(Bytes::new()));
     }
@@ -134,16 +172,35 @@ impl AsyncWrite for ChannelIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.writer.as_mut().poll_write(cx, buf)
+        let closed = self.closed.clone();
+        guard(&closed, cx, |cx| self.writer.as_mut().poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.writer.as_mut().poll_flush(cx)
+        let closed = self.closed.clone();
+        guard(&closed, cx, |cx| self.writer.as_mut().poll_flush(cx))
     }
 
     /// Sends EOF: the remote program sees the end of its stdin.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.writer.as_mut().poll_shutdown(cx)
+        let closed = self.closed.clone();
+        guard(&closed, cx, |cx| self.writer.as_mut().poll_shutdown(cx))
+    }
+}
+
+/// Fail a write on a closed channel instead of waiting for window space forever.
+fn guard<T>(
+    closed: &Closed,
+    cx: &mut Context<'_>,
+    op: impl FnOnce(&mut Context<'_>) -> Poll<std::io::Result<T>>,
+) -> Poll<std::io::Result<T>> {
+    if closed.is_set() {
+        return Poll::Ready(Err(connection_lost()));
+    }
+    closed.waker.register(cx.waker());
+    match op(cx) {
+        Poll::Pending if closed.is_set() => Poll::Ready(Err(connection_lost())),
+        other => other,
     }
 }
 
