@@ -195,7 +195,7 @@ impl Engine {
         let chunk = src.chunk().await?.min(dst.chunk().await?);
         // Open both ends at once: one round trip, not two, per small file.
         let (w, r) = futures::join!(
-            dst.open_write(temp, slot, true, start > 0),
+            dst.open_write((temp, dst_path), slot, true, start > 0),
             src.open_read(src_path, slot)
         );
         let (first, reader0) = pair(w, r).await?;
@@ -205,7 +205,7 @@ impl Engine {
             let (closed, finished) =
                 futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
             copied.with_context(|| dst.show(dst_path))?;
-            finished.with_context(|| dst.show(temp))?;
+            finished.with_context(|| dst.show(dst_path))?;
             closed.with_context(|| src.show(src_path))?;
             return dst.rename(temp, dst_path).await;
         }
@@ -225,7 +225,7 @@ impl Engine {
             let slot = slot + i + 1;
             async move {
                 let (w, r) = futures::join!(
-                    dst.open_write(temp, slot, false, false),
+                    dst.open_write((temp, dst_path), slot, false, false),
                     src.open_read(src_path, slot)
                 );
                 let (w, reader) = pair(w, r).await?;
@@ -245,7 +245,7 @@ impl Engine {
         let (closed, finished) =
             futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
         filled?;
-        finished.with_context(|| dst.show(temp))?;
+        finished.with_context(|| dst.show(dst_path))?;
         closed.with_context(|| src.show(src_path))?;
         dst.rename(temp, dst_path).await
     }
