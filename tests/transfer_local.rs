@@ -271,6 +271,14 @@ async fn missing_sources_name_the_path() {
     .await
     .unwrap_err();
     assert!(format!("{err:#}").contains("no such file"), "{err:#}");
+    // A destination written as a directory that is not one.
+    let err = cp(&[
+        &s(&t.path().join("f")),
+        &format!("{}/", remote("a", &t.path().join("nodir"))),
+    ])
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("no such directory"), "{err:#}");
     // A directory without -r.
     let err = cp(&[&s(t.path()), &s(&t.path().join("y"))])
         .await

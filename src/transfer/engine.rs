@@ -73,6 +73,9 @@ impl Engine {
             Err(e) => return vec![e],
         };
         let dst_is_dir = dst_meta.is_some_and(|m| m.kind == Kind::Dir);
+        if !dst_is_dir && dst_path.as_os_str().as_bytes().ends_with(b"/") {
+            return vec![anyhow!("{}: no such directory", dst.show(dst_path))];
+        }
         if sources.len() > 1 && !dst_is_dir {
             return vec![anyhow!(
                 "{}: not a directory (several sources need an existing directory as destination)",
@@ -171,7 +174,9 @@ impl Engine {
                 let e = self.diagnose(e, dst, dst_path, meta.size - start).await;
                 if !self.opts.resume {
                     if let Err(rm) = dst.remove(&temp).await {
-                        tracing::debug!("could not remove {}: {rm:#}", dst.show(&temp));
+                        if !matches!(dst.lstat(&temp).await, Ok(None)) {
+                            tracing::warn!("left {} behind: {rm:#}", dst.show(&temp));
+                        }
                     }
                 }
                 Err(e)
