@@ -271,6 +271,14 @@ async fn missing_sources_name_the_path() {
     .await
     .unwrap_err();
     assert!(format!("{err:#}").contains("no such file"), "{err:#}");
+    // A destination written as a directory that is not one.
+    let err = cp(&[
+        &s(&t.path().join("f")),
+        &format!("{}/", remote("a", &t.path().join("nodir"))),
+    ])
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("no such directory"), "{err:#}");
     // A directory without -r.
     let err = cp(&[&s(t.path()), &s(&t.path().join("y"))])
         .await
@@ -852,4 +860,33 @@ async fn copy_within_one_host_is_identical() {
     .await
     .unwrap();
     assert_same_tree(&tree, &t.path().join("tree2"));
+}
+
+#[tokio::test]
+async fn many_sources_are_copied_concurrently_into_a_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let mut args = Vec::new();
+    for i in 0..60 {
+        let p = t.path().join(format!("f{i:02}"));
+        std::fs::write(&p, format!("{i}")).unwrap();
+        args.push(if i % 2 == 0 { s(&p) } else { remote("a", &p) });
+    }
+    let dir = t.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    args.push(remote("b", &dir));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    cp(&["--parallel", "2"]
+        .into_iter()
+        .chain(argv)
+        .collect::<Vec<_>>())
+    .await
+    .unwrap();
+    let names = entries(&dir);
+    assert_eq!(names.len(), 60);
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(dir.join(n)).unwrap(),
+            format!("{i}")
+        );
+    }
 }

@@ -17,6 +17,16 @@ use crate::remote::Connector;
 use crate::settings::Settings;
 use crate::target::{Host, Location};
 
+/// A remote operand's path for SFTP, whose relative paths start in the login directory:
+/// `~` and `~/x` (which scp users type) become `` and `x`.
+fn remote_path(path: &str) -> PathBuf {
+    match path.strip_prefix('~') {
+        Some("") => PathBuf::new(),
+        Some(rest) if rest.starts_with('/') => PathBuf::from(rest.trim_start_matches('/')),
+        _ => PathBuf::from(path),
+    }
+}
+
 /// Run `vtun cp`; `Ok(0)` when every source was copied.
 pub async fn cp(settings: &Settings, args: &CpArgs, connector: &dyn Connector) -> Result<u8> {
     if args.paths.len() < 2 {
@@ -45,7 +55,7 @@ pub async fn cp(settings: &Settings, args: &CpArgs, connector: &dyn Connector) -
                         fs
                     }
                 };
-                (fs, PathBuf::from(path))
+                (fs, remote_path(path))
             }
         });
     }
@@ -82,4 +92,18 @@ pub async fn cp(settings: &Settings, args: &CpArgs, connector: &dyn Connector) -
         return Err(Failure::connection(format!("{last:#}")));
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_relative_remote_paths() {
+        assert_eq!(remote_path("~"), PathBuf::new());
+        assert_eq!(remote_path("~/a/b"), PathBuf::from("a/b"));
+        assert_eq!(remote_path("~user/x"), PathBuf::from("~user/x"));
+        assert_eq!(remote_path("/abs"), PathBuf::from("/abs"));
+        assert_eq!(remote_path(""), PathBuf::new());
+    }
 }

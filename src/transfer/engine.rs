@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, Context, Result};
 use futures::future::try_join_all;
+use futures::stream::{self, StreamExt};
 
 use super::fs::{Fs, Kind, Meta, Reader, Writer};
 use super::pipe::{copy_range, Budget};
@@ -28,6 +29,8 @@ const SPLIT_MIN: u64 = 8 * 1024 * 1024;
 const RANGE_MIN: u64 = 4 * 1024 * 1024;
 /// Requests in flight per range.
 const DEPTH: usize = 32;
+/// Sources stat'ed at once.
+const RESOLVE_CONCURRENCY: usize = 32;
 /// Chunks buffered or in flight across the whole transfer (256 × 256 KiB = 64 MiB).
 const MAX_CHUNKS: usize = 256;
 
@@ -73,54 +76,63 @@ impl Engine {
             Err(e) => return vec![e],
         };
         let dst_is_dir = dst_meta.is_some_and(|m| m.kind == Kind::Dir);
+        if !dst_is_dir && dst_path.as_os_str().as_bytes().ends_with(b"/") {
+            return vec![anyhow!("{}: no such directory", dst.show(dst_path))];
+        }
         if sources.len() > 1 && !dst_is_dir {
             return vec![anyhow!(
                 "{}: not a directory (several sources need an existing directory as destination)",
                 dst.show(dst_path)
             )];
         }
+        // Resolve every source first (concurrently: each is a round trip), then copy plain
+        // files concurrently, then trees one after another (each is parallel inside).
+        let resolved: Vec<Result<(&Fs, &Path, Meta, PathBuf)>> = stream::iter(sources)
+            .map(|(src, path)| async move {
+                let meta = src
+                    .stat(path)
+                    .await?
+                    .ok_or_else(|| anyhow!("{}: no such file or directory", src.show(path)))?;
+                let target = if dst_is_dir {
+                    dst_path.join(base_name(src, path).await?)
+                } else {
+                    dst_path.to_path_buf()
+                };
+                Ok((src, path.as_path(), meta, target))
+            })
+            .buffered(RESOLVE_CONCURRENCY)
+            .collect()
+            .await;
         let mut errors = Vec::new();
-        for (src, path) in sources {
-            if let Err(e) = self
-                .copy_one(src, path, dst, dst_path, dst_is_dir, &mut errors)
-                .await
-            {
-                errors.push(e);
+        let mut files = Vec::new();
+        let mut trees = Vec::new();
+        for r in resolved {
+            match r {
+                Ok((src, path, meta, target)) => match meta.kind {
+                    Kind::File => {
+                        self.progress.add_total(1, meta.size);
+                        files.push((src, path, meta, target));
+                    }
+                    Kind::Dir if self.opts.recursive => trees.push((src, path, meta, target)),
+                    Kind::Dir => {
+                        errors.push(anyhow!("{}: is a directory (use -r)", src.show(path)))
+                    }
+                    _ => errors.push(anyhow!("{}: not a regular file", src.show(path))),
+                },
+                Err(e) => errors.push(e),
             }
+        }
+        let concurrency = self.opts.parallel.max(1) * super::tree::FILES_PER_STREAM;
+        let copied: Vec<Result<()>> = stream::iter(files.iter().enumerate())
+            .map(|(i, (src, path, meta, target))| self.copy_file(src, path, meta, dst, target, i))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        errors.extend(copied.into_iter().filter_map(Result::err));
+        for (src, path, meta, target) in &trees {
+            errors.extend(super::tree::copy_tree(self, src, path, meta, dst, target).await);
         }
         errors
-    }
-
-    async fn copy_one(
-        &self,
-        src: &Fs,
-        path: &Path,
-        dst: &Fs,
-        dst_path: &Path,
-        dst_is_dir: bool,
-        errors: &mut Vec<anyhow::Error>,
-    ) -> Result<()> {
-        let meta = src
-            .stat(path)
-            .await?
-            .ok_or_else(|| anyhow!("{}: no such file or directory", src.show(path)))?;
-        let target = if dst_is_dir {
-            dst_path.join(base_name(src, path).await?)
-        } else {
-            dst_path.to_path_buf()
-        };
-        match meta.kind {
-            Kind::File => {
-                self.progress.add_total(1, meta.size);
-                self.copy_file(src, path, &meta, dst, &target, 0).await
-            }
-            Kind::Dir if self.opts.recursive => {
-                errors.extend(super::tree::copy_tree(self, src, path, &meta, dst, &target).await);
-                Ok(())
-            }
-            Kind::Dir => Err(anyhow!("{}: is a directory (use -r)", src.show(path))),
-            _ => Err(anyhow!("{}: not a regular file", src.show(path))),
-        }
     }
 
     /// Copy one regular file atomically to `dst_path` (replacing what is there), using SFTP
@@ -171,7 +183,9 @@ impl Engine {
                 let e = self.diagnose(e, dst, dst_path, meta.size - start).await;
                 if !self.opts.resume {
                     if let Err(rm) = dst.remove(&temp).await {
-                        tracing::debug!("could not remove {}: {rm:#}", dst.show(&temp));
+                        if !matches!(dst.lstat(&temp).await, Ok(None)) {
+                            tracing::warn!("left {} behind: {rm:#}", dst.show(&temp));
+                        }
                     }
                 }
                 Err(e)
@@ -195,7 +209,7 @@ impl Engine {
         let chunk = src.chunk().await?.min(dst.chunk().await?);
         // Open both ends at once: one round trip, not two, per small file.
         let (w, r) = futures::join!(
-            dst.open_write(temp, slot, true, start > 0),
+            dst.open_write((temp, dst_path), slot, true, start > 0),
             src.open_read(src_path, slot)
         );
         let (first, reader0) = pair(w, r).await?;
@@ -205,7 +219,7 @@ impl Engine {
             let (closed, finished) =
                 futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
             copied.with_context(|| dst.show(dst_path))?;
-            finished.with_context(|| dst.show(temp))?;
+            finished.with_context(|| dst.show(dst_path))?;
             closed.with_context(|| src.show(src_path))?;
             return dst.rename(temp, dst_path).await;
         }
@@ -225,7 +239,7 @@ impl Engine {
             let slot = slot + i + 1;
             async move {
                 let (w, r) = futures::join!(
-                    dst.open_write(temp, slot, false, false),
+                    dst.open_write((temp, dst_path), slot, false, false),
                     src.open_read(src_path, slot)
                 );
                 let (w, reader) = pair(w, r).await?;
@@ -245,7 +259,7 @@ impl Engine {
         let (closed, finished) =
             futures::join!(reader0.close(), first.finish(Some(meta.mode), times));
         filled?;
-        finished.with_context(|| dst.show(temp))?;
+        finished.with_context(|| dst.show(dst_path))?;
         closed.with_context(|| src.show(src_path))?;
         dst.rename(temp, dst_path).await
     }

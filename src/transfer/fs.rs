@@ -394,10 +394,11 @@ impl Fs {
     }
 
     /// Open `path` for writing through stream `slot`; `create` makes it (mode 0600, truncated
-    /// unless `keep`), otherwise it must exist.
+    /// unless `keep`), otherwise it must exist. Errors name `named` (the final name of a
+    /// temporary file: what the user asked for).
     pub async fn open_write(
         &self,
-        path: &Path,
+        (path, named): (&Path, &Path),
         slot: usize,
         create: bool,
         keep: bool,
@@ -409,7 +410,7 @@ impl Fs {
                     .create(create)
                     .truncate(create && !keep)
                     .mode(0o600);
-                let f = o.open(path).map_err(|e| io_err(e, &self.show(path)))?;
+                let f = o.open(path).map_err(|e| io_err(e, &self.show(named)))?;
                 Ok(Writer::Local(Arc::new(f)))
             }
             Fs::Remote(r) => {
@@ -428,7 +429,7 @@ impl Fs {
                 let h = c
                     .open(path, flags, &attrs)
                     .await
-                    .map_err(|e| self.remote_err(e, path))?;
+                    .map_err(|e| self.remote_err(e, named))?;
                 Ok(Writer::Remote(c, h))
             }
         }

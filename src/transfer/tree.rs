@@ -18,7 +18,7 @@ use super::fs::{Fs, Kind, Meta};
 /// Directory listings (or mkdirs) in flight at once.
 const LIST_CONCURRENCY: usize = 16;
 /// Files in flight per SFTP stream: enough to hide a few round trips per small file.
-const FILES_PER_STREAM: usize = 16;
+pub const FILES_PER_STREAM: usize = 32;
 
 /// Group sorted relative directory paths by depth, shallowest first.
 fn by_depth(dirs: &[(PathBuf, Meta)]) -> Vec<Vec<&(PathBuf, Meta)>> {
