@@ -218,38 +218,50 @@ fn connection_cut_mid_file_keeps_old_version_and_resume_finishes() {
     std::fs::write(&src, &data).unwrap();
     let dst = bed.dir("dst");
     std::fs::write(dst.join("payload.bin"), "previous version\n").unwrap();
+    let target = format!("a-fault:{}", dst.display());
 
+    // A plain copy cut mid-file: failure, old version intact.
     bed.fault("a").arm(Fault::CutAfter(16 << 20));
-    let out = cp(
-        &bed,
-        &[src.to_str().unwrap(), &format!("a-fault:{}", dst.display())],
+    let out = cp(&bed, &[src.to_str().unwrap(), &target]);
+    assert_eq!(
+        out.code(),
+        255,
+        "a cut copy fails like a lost connection: {}",
+        out.stderr
     );
-    assert_ne!(out.code(), 0, "a cut copy must fail");
-    assert!(!out.stderr.is_empty());
+    assert!(out.stderr.contains("connection"), "{}", out.stderr);
     assert_eq!(
         std::fs::read(dst.join("payload.bin")).unwrap(),
-        b"previous version\n",
-        "the final name keeps the old content"
+        b"previous version\n"
     );
 
-    let out = cp(
-        &bed,
-        &[
-            "--resume",
-            src.to_str().unwrap(),
-            &format!("a-fault:{}", dst.display()),
-        ],
-    );
-    out.assert_ok();
-    assert_eq!(hash_file(&dst.join("payload.bin")), hash(&data));
-    let names: Vec<_> = std::fs::read_dir(&dst)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    // With --resume the partial is kept when cut, and the next --resume run continues it.
+    bed.fault("a").arm(Fault::CutAfter(16 << 20));
+    let out = cp(&bed, &["--resume", src.to_str().unwrap(), &target]);
+    assert_ne!(out.code(), 0);
     assert_eq!(
-        names,
-        vec!["payload.bin".to_string()],
-        "no temporary files left"
+        std::fs::read(dst.join("payload.bin")).unwrap(),
+        b"previous version\n"
+    );
+    let partial = dst.join(".payload.bin.vtun.part");
+    let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    assert!(kept > 0, "the partial is kept for --resume");
+
+    let mark = bed.gateway_log().len();
+    cp(&bed, &["--resume", src.to_str().unwrap(), &target]).assert_ok();
+    assert_eq!(hash_file(&dst.join("payload.bin")), hash(&data));
+    assert!(!partial.exists(), "the partial became the file");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = bed.gateway_log();
+    let up: u64 = log[mark..]
+        .lines()
+        .filter(|l| l.contains("closed"))
+        .flat_map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|f| f.strip_prefix("up=").and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    assert!(
+        up < (48 << 20) - kept + (4 << 20),
+        "resume sent {up} bytes although {kept} were already there"
     );
 }
 

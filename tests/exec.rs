@@ -467,8 +467,9 @@ fn one_session_carries_many_channels_at_once() {
         "unused",
     ])
     .expect("cli");
-    let settings = vtun::settings::Settings::from_args(&cli.global, &[bed.user_key.clone()])
-        .expect("settings");
+    let settings =
+        vtun::settings::Settings::from_args(&cli.global, std::slice::from_ref(&bed.user_key))
+            .expect("settings");
     let host = settings.host("a").expect("host");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
