@@ -28,6 +28,7 @@ pub struct Cli {
 
 /// Options every connecting subcommand shares.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection options")]
 pub struct GlobalArgs {
     /// Dial HOST:PORT instead of the VM's own name.
     ///
@@ -122,6 +123,7 @@ pub struct GlobalArgs {
 
 /// `-i/--identity`, declared per subcommand (see the module docs).
 #[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Connection options")]
 pub struct IdentityArgs {
     /// Private key file to authenticate with (repeatable; tried first, in order).
     ///
@@ -196,8 +198,6 @@ pub struct ProxyArgs {
 
 #[derive(Debug, Args)]
 pub struct SshArgs {
-    #[command(flatten)]
-    pub identity: IdentityArgs,
     /// Force a PTY even when stdin is not a terminal.
     #[arg(short = 't', conflicts_with = "no_tty")]
     pub tty: bool,
@@ -214,12 +214,17 @@ pub struct SshArgs {
         allow_hyphen_values = true
     )]
     pub command: Vec<String>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    vtun exec vm -- uname -a\n  \
+    vtun exec vm --cd /srv/app --env RUST_LOG=debug -- ./run.sh \"arg with spaces\"\n  \
+    tar cz ./data | vtun exec vm -- tar xz -C /srv\n  \
+    vtun exec vm --sh 'journalctl -u app | tail -n 50'")]
 pub struct ExecArgs {
-    #[command(flatten)]
-    pub identity: IdentityArgs,
     /// Allocate a PTY (stdout and stderr are then merged, as with ssh -t).
     #[arg(short = 't', long)]
     pub tty: bool,
@@ -238,12 +243,20 @@ pub struct ExecArgs {
     /// The command and its arguments (put them after `--`).
     #[arg(value_name = "CMD", required = true, last = true)]
     pub command: Vec<String>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "vtun cp [OPTIONS] SRC... DST",
+    after_help = "Examples:\n  \
+        vtun cp -r ./dist infra:/srv/app/dist      upload a tree\n  \
+        vtun cp vm1:/var/log/app.log .             download a file\n  \
+        vtun cp -r vm1:/data vm2:/data              VM to VM, streamed through this machine\n  \
+        vtun cp --resume big.img vm1:/images/      continue an interrupted large upload"
+)]
 pub struct CpArgs {
-    #[command(flatten)]
-    pub identity: IdentityArgs,
     /// Copy directories recursively (symlinks inside are copied as links).
     #[arg(short = 'r', long)]
     pub recursive: bool,
@@ -260,11 +273,18 @@ pub struct CpArgs {
     #[arg(long)]
     pub json: bool,
     /// Sources, then the destination (`VM:PATH` or a local path).
-    #[arg(value_name = "SRC… DST", num_args = 2.., required = true)]
+    #[arg(value_name = "PATH", num_args = 2.., required = true)]
     pub paths: Vec<String>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    vtun sync ./app/ infra:/srv/app/                          contents of ./app into /srv/app\n  \
+    vtun sync --delete --exclude .git --exclude node_modules ./ vm:/srv/app/\n  \
+    vtun sync -n -i ./site/ web:/var/www/                    show what would change\n  \
+    vtun sync vm1:/data/ vm2:/data/                           VM to VM")]
 pub struct SyncArgs {
     /// Private key file to authenticate with (repeatable; `-i` means --itemize here).
     #[arg(
@@ -318,8 +338,6 @@ pub struct SyncArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    #[command(flatten)]
-    pub identity: IdentityArgs,
     /// Bytes to move each way (K, M, G suffixes).
     #[arg(long, default_value = "256M", value_name = "SIZE")]
     pub size: String,
@@ -332,6 +350,8 @@ pub struct BenchArgs {
     /// The VM: [user@]NAME.
     #[arg(value_name = "VM")]
     pub vm: String,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Debug, Args)]
