@@ -15,7 +15,7 @@ mod support;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use support::*;
 
@@ -23,27 +23,8 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-/// Sum of `up=… down=…` in gateway log lines after byte offset `from`.
-fn wire_bytes(bed: &TestBed, from: usize) -> u64 {
-    let log = bed.gateway_log();
-    let mut total = 0;
-    for line in log[from.min(log.len())..].lines() {
-        if !line.contains("closed") {
-            continue;
-        }
-        for field in line.split_whitespace() {
-            for key in ["up=", "down="] {
-                if let Some(v) = field.strip_prefix(key) {
-                    total += v.trim_end_matches(',').parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
-    }
-    total
-}
-
 fn measure(bed: &TestBed, mut cmd: Command, what: &str) -> (f64, u64) {
-    let mark = bed.gateway_log().len();
+    let mark = bed.log_mark();
     let start = Instant::now();
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     let secs = start.elapsed().as_secs_f64();
@@ -52,9 +33,8 @@ fn measure(bed: &TestBed, mut cmd: Command, what: &str) -> (f64, u64) {
         "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The gateway logs a connection's bytes when both directions have closed.
-    std::thread::sleep(Duration::from_millis(300));
-    (secs, wire_bytes(bed, mark))
+    let (up, down) = bed.wire_bytes_since(mark);
+    (secs, up + down)
 }
 
 fn make_tree(root: &Path, mb: usize, files: usize) {

@@ -247,18 +247,11 @@ fn connection_cut_mid_file_keeps_old_version_and_resume_finishes() {
     let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     assert!(kept > 0, "the partial is kept for --resume");
 
-    let mark = bed.gateway_log().len();
+    let mark = bed.log_mark();
     cp(&bed, &["--resume", src.to_str().unwrap(), &target]).assert_ok();
     assert_eq!(hash_file(&dst.join("payload.bin")), hash(&data));
     assert!(!partial.exists(), "the partial became the file");
-    std::thread::sleep(Duration::from_millis(300));
-    let log = bed.gateway_log();
-    let up: u64 = log[mark..]
-        .lines()
-        .filter(|l| l.contains("closed"))
-        .flat_map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-        .filter_map(|f| f.strip_prefix("up=").and_then(|v| v.parse::<u64>().ok()))
-        .sum();
+    let (up, _) = bed.wire_bytes_since(mark);
     assert!(
         up < (48 << 20) - kept + (4 << 20),
         "resume sent {up} bytes although {kept} were already there"

@@ -520,6 +520,33 @@ impl TestBed {
     pub fn gateway_log(&self) -> String {
         read(&self.gateway_log)
     }
+
+    /// A mark in the gateway log, for [`TestBed::wire_bytes_since`].
+    pub fn log_mark(&self) -> usize {
+        self.gateway_log().len()
+    }
+
+    /// SSH stream bytes (up, down) the gateway carried on connections that closed since `mark`.
+    /// Waits briefly: the gateway logs a connection when both directions have closed.
+    pub fn wire_bytes_since(&self, mark: usize) -> (u64, u64) {
+        std::thread::sleep(Duration::from_millis(300));
+        let log = self.gateway_log();
+        let (mut up, mut down) = (0, 0);
+        for line in log[mark.min(log.len())..]
+            .lines()
+            .filter(|l| l.contains("closed"))
+        {
+            for field in line.split_whitespace() {
+                let num = |v: &str| v.trim_end_matches(',').parse::<u64>().unwrap_or(0);
+                if let Some(v) = field.strip_prefix("up=") {
+                    up += num(v);
+                } else if let Some(v) = field.strip_prefix("down=") {
+                    down += num(v);
+                }
+            }
+        }
+        (up, down)
+    }
 }
 
 impl Drop for TestBed {
