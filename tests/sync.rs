@@ -230,3 +230,40 @@ fn cut_mid_sync_leaves_no_truncated_file_and_rerun_completes() {
     sync(&bed, &[&slash(&src), &format!("a-fault:{}", slash(&dst))]).assert_ok();
     assert_eq!(digest(&dst), digest(&src));
 }
+
+#[test]
+fn agent_upload_agent_on_path_and_no_agent_give_identical_results() {
+    let bed = TestBed::start();
+    agent_on_path(&bed, "b");
+    let src = bed.dir("src");
+    fixture(&src);
+    let uploaded = bed.dir("uploaded");
+    let on_path = bed.dir("on-path");
+    let no_agent = bed.dir("no-agent");
+
+    let out = sync(&bed, &[&slash(&src), &format!("a:{}", slash(&uploaded))]);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("installing the sync agent"),
+        "{}",
+        out.stderr
+    );
+    let out = sync(&bed, &[&slash(&src), &format!("b:{}", slash(&on_path))]);
+    out.assert_ok();
+    assert!(!out.stderr.contains("installing"), "{}", out.stderr);
+    let to_no_agent = format!("a:{}", slash(&no_agent));
+    sync(&bed, &["--no-agent", &slash(&src), &to_no_agent]).assert_ok();
+
+    let want = digest(&src);
+    assert_eq!(digest(&uploaded), want, "agent uploaded");
+    assert_eq!(digest(&on_path), want, "agent on PATH");
+    assert_eq!(digest(&no_agent), want, "--no-agent");
+    for args in [
+        vec!["-i", "--no-agent", &slash(&src), &to_no_agent],
+        vec!["-i", &slash(&src), &to_no_agent],
+    ] {
+        let again = sync(&bed, &args);
+        again.assert_ok();
+        assert_eq!(again.stdout_str(), "", "re-run {args:?} changes nothing");
+    }
+}

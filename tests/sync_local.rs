@@ -514,6 +514,7 @@ fn crafted_listing_with_dotdot_is_refused() {
             let (tag, mut body) = Msg::Listing(Listing {
                 root_exists: true,
                 entries: vec![entry],
+                mtime_seconds: false,
             })
             .encode();
             let at = body.windows(2).position(|w| w == b"ab").unwrap();
@@ -597,4 +598,175 @@ fn big_sync_spreads_over_parallel_agents() {
     assert_eq!(digest(&d1), digest(&src));
     sync(&[&format!("vm:{}/", d1.display()), &remote(&d2)]);
     assert_eq!(digest(&d2), digest(&src));
+}
+
+/// What a sync over plain SFTP can preserve: as [`digest`], but mtimes in whole seconds (SFTP v3
+/// carries no more) and no symlink mtimes (SFTP cannot set them without following the link).
+fn digest_seconds(root: &Path) -> BTreeMap<String, String> {
+    digest(root)
+        .into_iter()
+        .map(|(path, what)| {
+            // "file MODE S.NS HASH", "dir MODE S.NS" or "link TARGET S.NS": the time is third.
+            let mut words: Vec<String> = what.split(' ').map(str::to_string).collect();
+            if words[0] == "link" {
+                words.truncate(2);
+            } else {
+                words[2] = words[2].split('.').next().unwrap().to_string();
+            }
+            (path, words.join(" "))
+        })
+        .collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn no_agent_matches_the_agent_in_every_direction_and_reruns_are_no_ops() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fixture(&src);
+    let want = digest_seconds(&src);
+    let with_agent = sync(&["-i", &slash(&src), &remote(&t.path().join("agent"))]);
+    assert_eq!(digest_seconds(&t.path().join("agent")), want);
+    let cases = [
+        ("local→remote", slash(&src), remote(&t.path().join("n1"))),
+        (
+            "remote→local",
+            format!("vm:{}/", t.path().join("n1").display()),
+            t.path().join("n2").display().to_string(),
+        ),
+        (
+            "remote→remote",
+            format!("vm:{}/", t.path().join("n2").display()),
+            remote(&t.path().join("n3")),
+        ),
+    ];
+    for (i, (what, from, to)) in cases.iter().enumerate() {
+        let lines = sync(&["-i", "--no-agent", from, to]);
+        assert_eq!(sorted(lines), sorted(with_agent.clone()), "{what}");
+        let dst = t.path().join(format!("n{}", i + 1));
+        assert_eq!(digest_seconds(&dst), want, "{what}");
+        assert_eq!(
+            sync(&["-i", "--no-agent", from, to]),
+            Vec::<String>::new(),
+            "{what} re-run"
+        );
+        assert_eq!(
+            sync(&["-i", from, to]),
+            Vec::<String>::new(),
+            "{what} re-run through the agent"
+        );
+    }
+    // A change after a whole-second sync is still seen.
+    write(&src.join("a.txt"), b"changed");
+    let n1 = remote(&t.path().join("n1"));
+    assert_eq!(
+        sync(&["-i", "--no-agent", &slash(&src), &n1]),
+        [">f.st...... a.txt"]
+    );
+    assert_eq!(digest_seconds(&t.path().join("n1")), digest_seconds(&src));
+}
+
+#[test]
+fn no_agent_delete_respects_excludes_unless_delete_excluded() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("keep"), b"k");
+    write(&src.join("skip.tmp"), b"not copied");
+    write(&dst.join("stale/deeper/file"), b"s");
+    write(&dst.join("log.tmp"), b"excluded");
+    write(&dst.join("old/x.tmp"), b"kept");
+    write(&dst.join("old/y"), b"goes");
+    let (s, d) = (slash(&src), remote(&dst));
+    let lines = sync(&["-i", "--no-agent", "--delete", "--exclude", "*.tmp", &s, &d]);
+    assert!(
+        lines.contains(&"*deleting   stale/".to_string()),
+        "{lines:?}"
+    );
+    assert!(!dst.join("stale").exists());
+    assert!(
+        !dst.join("skip.tmp").exists(),
+        "excluded source entry copied"
+    );
+    assert!(dst.join("log.tmp").exists(), "excluded entries are kept");
+    assert!(dst.join("old/x.tmp").exists());
+    assert!(!dst.join("old/y").exists());
+    assert_eq!(std::fs::read(dst.join("keep")).unwrap(), b"k");
+    sync(&[
+        "--no-agent",
+        "--delete-excluded",
+        "--exclude",
+        "*.tmp",
+        &s,
+        &d,
+    ]);
+    assert!(!dst.join("old").exists());
+    assert!(!dst.join("log.tmp").exists());
+    assert!(dst.join("keep").exists());
+}
+
+#[test]
+fn checksum_without_an_agent_is_refused_clearly() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    write(&src.join("f"), b"x");
+    let err = sync_with(
+        &Local::on_path(),
+        &[
+            "-c",
+            "--no-agent",
+            &slash(&src),
+            &remote(&t.path().join("d")),
+        ],
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("--checksum needs the sync agent"), "{msg}");
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    assert!(!t.path().join("d").exists());
+}
+
+#[test]
+fn no_agent_never_writes_through_symlinks_in_the_destination() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, outside) = (t.path().join("s"), t.path().join("d"), t.path().join("out"));
+    write(&src.join("sub/file"), b"data");
+    write(&src.join("plain"), b"p");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("sub")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), dst.join("plain")).unwrap();
+    sync(&["--no-agent", &slash(&src), &remote(&dst)]);
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote through a link"
+    );
+    assert_eq!(digest_seconds(&dst), digest_seconds(&src));
+}
+
+#[test]
+fn host_that_cannot_run_the_agent_falls_back_to_sftp() {
+    let t = tempfile::tempdir().unwrap();
+    let (home, fake) = (t.path().join("home"), t.path().join("fakebin"));
+    std::fs::create_dir(&home).unwrap();
+    write(&fake.join("uname"), b"#!/bin/sh\necho Plan9 mips\n");
+    std::fs::set_permissions(fake.join("uname"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conn = Local {
+        prefix: format!(
+            "HOME='{}'; PATH='{}':/usr/bin:/bin; export HOME PATH; ",
+            home.display(),
+            fake.display()
+        ),
+        cut_after: None,
+    };
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    fixture(&src);
+    sync_with(&conn, &[&slash(&src), &remote(&dst)]).unwrap();
+    assert_eq!(digest_seconds(&dst), digest_seconds(&src));
+    assert!(!home.join(".cache").exists(), "nothing uploaded");
+    let again = sync_with(&conn, &["-i", &slash(&src), &remote(&dst)]).unwrap();
+    assert_eq!(again, Vec::<String>::new());
 }

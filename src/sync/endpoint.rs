@@ -4,8 +4,9 @@
 //! Every call is a batch (a whole listing, all signatures, all files, all metadata changes), so a
 //! remote endpoint costs a round trip per phase, not per file. File contents flow as a stream of
 //! [`Piece`]s through a bounded channel from the sender's `send` to the receiver's `receive`;
-//! for remote→remote the client only relays them. An SFTP-backed endpoint (`--no-agent`) would
-//! implement the same trait, answering `signatures` with `None` so everything is sent whole.
+//! for remote→remote the client only relays them. The SFTP-backed endpoint (`--no-agent`, see
+//! `sftp`) implements the same trait, answering `signatures` with `None` so everything is sent
+//! whole.
 
 use anyhow::Result;
 use futures::future::BoxFuture;

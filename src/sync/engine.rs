@@ -82,7 +82,11 @@ pub async fn run(
     if o.start.is_root() && !top.is_dir() {
         bail!("source with a trailing '/' must be a directory");
     }
-    let p = plan(&sl.entries, &dl.entries, o.plan);
+    let popts = PlanOpts {
+        mtime_seconds: o.plan.mtime_seconds || sl.mtime_seconds || dl.mtime_seconds,
+        ..o.plan
+    };
+    let p = plan(&sl.entries, &dl.entries, popts);
     let mut summary = Summary::default();
     for a in &p.actions {
         let line = itemize(a);

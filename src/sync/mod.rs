@@ -20,6 +20,7 @@ pub mod pattern;
 pub mod plan;
 pub mod protocol;
 pub mod remote;
+pub mod sftp;
 pub mod tree;
 pub mod write;
 
@@ -54,11 +55,14 @@ pub async fn run_sync(
     connector: &dyn Connector,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary> {
-    if args.no_agent {
-        bail!("--no-agent (whole-file sync over SFTP) is not supported yet");
-    }
     let src = Location::parse(&args.src, &settings.domain)?;
     let dst = Location::parse(&args.dst, &settings.domain)?;
+    let any_remote = [&src, &dst]
+        .iter()
+        .any(|l| matches!(l, Location::Remote { .. }));
+    if args.no_agent && args.checksum && any_remote {
+        bail!("-c/--checksum needs the sync agent; with --no-agent it would mean downloading every file");
+    }
     let (src_root, start) = split_source(operand_path(&src))?;
     let dst_root = match operand_path(&dst) {
         "" => ".".to_string(),
@@ -70,6 +74,7 @@ pub async fn run_sync(
             checksum: args.checksum,
             size_only: args.size_only,
             delete: args.delete || args.delete_excluded,
+            mtime_seconds: false,
         },
         dry_run: args.dry_run,
         excludes: excludes.patterns().to_vec(),
@@ -78,8 +83,8 @@ pub async fn run_sync(
         parallel: PARALLEL,
     };
     let (mut s, mut d) = futures::try_join!(
-        open(&src, src_root, connector),
-        open(&dst, dst_root, connector)
+        open(&src, src_root, connector, args.no_agent),
+        open(&dst, dst_root, connector, args.no_agent)
     )?;
     let show = args.itemize || args.dry_run;
     let mut io_err = None;
@@ -153,20 +158,37 @@ pub fn split_source(path: &str) -> Result<(String, RelPath)> {
     Ok((parent.to_string(), start))
 }
 
+/// Open one side: a local directory, the agent on a host, or (with `no_agent`, or when no agent
+/// can be found or uploaded) plain SFTP to it.
 async fn open(
     loc: &Location,
     root: String,
     connector: &dyn Connector,
+    no_agent: bool,
 ) -> Result<Box<dyn Endpoint>> {
-    match loc {
-        Location::Local(_) => Ok(Box::new(local::LocalEndpoint::new(root))),
-        Location::Remote { host, .. } => {
-            let opener: Arc<dyn crate::remote::Opener> = connector.connect(host).await?;
-            Ok(Box::new(
-                remote::AgentEndpoint::start(&opener, &root).await?,
-            ))
+    let host = match loc {
+        Location::Local(_) => return Ok(Box::new(local::LocalEndpoint::new(root))),
+        Location::Remote { host, .. } => host,
+    };
+    let opener: Arc<dyn crate::remote::Opener> = connector.connect(host).await?;
+    if !no_agent {
+        match remote::AgentEndpoint::start(&opener, &root).await {
+            Ok(ep) => return Ok(Box::new(ep)),
+            Err(e) => {
+                // Whatever kept the agent away (another platform, no shell, a failed upload),
+                // SFTP may still work; if the connection itself is gone, opening it says so.
+                let why = format!("{e:#}").replace('\n', " ");
+                eprintln!(
+                    "vtun: no sync agent on {} ({why}); copying whole files over SFTP",
+                    opener.name()
+                );
+            }
         }
     }
+    let ep = sftp::SftpEndpoint::open(opener.clone(), &root)
+        .await
+        .with_context(|| format!("cannot sync with {} over SFTP", opener.name()))?;
+    Ok(Box::new(ep))
 }
 
 #[cfg(test)]

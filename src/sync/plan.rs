@@ -14,6 +14,8 @@ pub struct PlanOpts {
     pub checksum: bool,
     pub size_only: bool,
     pub delete: bool,
+    /// One side only knows mtimes to the second (SFTP): compare seconds.
+    pub mtime_seconds: bool,
 }
 
 /// One itemized change, in the order it is carried out.
@@ -99,7 +101,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
             other => other,
         };
         let perms = d.is_some_and(|d| d.mode != s.mode);
-        let time = d.is_some_and(|d| d.mtime_ns != s.mtime_ns);
+        let time = d.is_some_and(|d| !same_mtime(d.mtime_ns, s.mtime_ns, opts.mtime_seconds));
         match (&s.kind, d) {
             (Kind::Dir, None) => {
                 touch(&s.path, &mut touched_dirs);
@@ -203,6 +205,16 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
     let mut actions = deletes;
     actions.extend(creates);
     Plan { actions, dir_meta }
+}
+
+/// Quick-check equality of two mtimes. To the nanosecond normally; to the second when a listing
+/// came over SFTP, or when one side is exactly on a second, which is what an earlier
+/// whole-second (SFTP) sync leaves behind, so a later sync through the agent is a no-op too.
+pub fn same_mtime(a: i64, b: i64, seconds: bool) -> bool {
+    const NS: i64 = 1_000_000_000;
+    a == b
+        || ((seconds || a.rem_euclid(NS) == 0 || b.rem_euclid(NS) == 0)
+            && a.div_euclid(NS) == b.div_euclid(NS))
 }
 
 /// The rsync `--itemize-changes` line for an action.
@@ -329,6 +341,22 @@ mod tests {
             lines(&plan(&[f("x", 4, 5)], &[f("x", 3, 6)], PlanOpts::default())),
             [">f.st...... x"]
         );
+    }
+
+    #[test]
+    fn whole_second_mtimes_match_their_second() {
+        let ns = 1_700_000_000_123_456_789;
+        let secs = 1_700_000_000_000_000_000;
+        assert!(same_mtime(ns, ns, false));
+        assert!(!same_mtime(ns, ns + 1, false));
+        assert!(same_mtime(ns, ns + 1, true));
+        assert!(same_mtime(ns, secs, false), "an SFTP-synced copy");
+        assert!(!same_mtime(ns, secs + 1_000_000_000, false));
+        assert!(!same_mtime(ns, secs + 1_000_000_000, true));
+        let src = [f("x", 3, ns)];
+        assert!(plan(&src, &[f("x", 3, secs)], PlanOpts::default())
+            .actions
+            .is_empty());
     }
 
     #[test]

@@ -430,6 +430,7 @@ impl Msg {
                 Msg::Listing(Listing {
                     root_exists,
                     entries,
+                    mtime_seconds: false,
                 })
             }
             102 => {
@@ -586,6 +587,7 @@ mod tests {
                 mtime_ns: 3,
                 hash: Some([1; 32]),
             }],
+            mtime_seconds: false,
         }));
         rt(Msg::Sigs(vec![None, Some(vec![3; 40])]));
         rt(Msg::RecvDone(RecvReport {

@@ -169,11 +169,7 @@ impl AgentEndpoint {
             if uname != ours {
                 let _ = w.write_all(b"quit\n").await;
                 let _ = w.flush().await;
-                bail!(
-                    "no vtun agent on {} and it cannot run this binary ({uname}, we are {ours}); \
-                     install vtun there (the --no-agent fallback is not available yet)",
-                    opener.name()
-                );
+                bail!("it cannot run this binary: it is {uname}, we are {ours}");
             }
             let path = upload_source()?;
             let bin = tokio::fs::read(&path)

@@ -149,6 +149,9 @@ pub struct ListOpts {
 pub struct Listing {
     pub root_exists: bool,
     pub entries: Vec<Entry>,
+    /// Mtimes are whole seconds (an SFTP listing): compare times at second granularity.
+    /// Never sent over the agent protocol, whose listings are to the nanosecond.
+    pub mtime_seconds: bool,
 }
 
 /// Temporary files of an interrupted sync: never listed, so never copied or compared.
@@ -167,6 +170,7 @@ pub fn walk(root: &Path, opts: &ListOpts) -> Result<Listing> {
     let mut listing = Listing {
         root_exists,
         entries: Vec::new(),
+        mtime_seconds: false,
     };
     if !root_exists {
         return Ok(listing);
