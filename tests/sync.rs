@@ -152,22 +152,6 @@ fn agent_on_remote_path_is_used_without_upload() {
     );
 }
 
-/// SSH stream bytes the gateway saw since log offset `from`.
-fn wire_bytes(bed: &TestBed, from: usize) -> u64 {
-    std::thread::sleep(Duration::from_millis(300));
-    let log = bed.gateway_log();
-    log[from..]
-        .lines()
-        .filter(|l| l.contains("closed"))
-        .flat_map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-        .filter_map(|f| {
-            f.strip_prefix("up=")
-                .or_else(|| f.strip_prefix("down="))
-                .and_then(|v| v.trim_end_matches(',').parse::<u64>().ok())
-        })
-        .sum()
-}
-
 #[test]
 fn eight_changed_bytes_in_a_large_file_move_as_a_small_delta() {
     let bed = TestBed::start();
