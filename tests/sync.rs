@@ -168,7 +168,7 @@ fn eight_changed_bytes_in_a_large_file_move_as_a_small_delta() {
     f.seek(SeekFrom::Start(8 << 20)).unwrap();
     f.write_all(b"CHANGED!").unwrap();
     drop(f);
-    let mark = bed.gateway_log().len();
+    let mark = bed.log_mark();
     let out = sync(&bed, &["-i", &slash(&src), &format!("a:{}", slash(&dst))]);
     out.assert_ok();
     assert!(
@@ -176,7 +176,8 @@ fn eight_changed_bytes_in_a_large_file_move_as_a_small_delta() {
         "{}",
         out.stdout_str()
     );
-    let wire = wire_bytes(&bed, mark);
+    let (up, down) = bed.wire_bytes_since(mark);
+    let wire = up + down;
     assert_eq!(
         hash_file(&dst.join("disk.img")),
         hash_file(&src.join("disk.img"))
