@@ -34,6 +34,8 @@ fn measure(bed: &TestBed, mut cmd: Command, what: &str) -> (f64, u64) {
         String::from_utf8_lossy(&out.stderr)
     );
     let (up, down) = bed.wire_bytes_since(mark);
+    // Progress while the run goes on; the table comes at the end.
+    eprintln!("  {what}: {secs:.2} s, {} wire bytes", up + down);
     (secs, up + down)
 }
 
@@ -128,15 +130,27 @@ fn main() {
         // Tree: first sync, no-change re-sync, 1 in 100 changed.
         for tool in tools {
             let d = dest(tool, "tree");
-            let (s, b) = measure(&bed, cmd_for(tool, &tree, &d), tool);
+            let (s, b) = measure(
+                &bed,
+                cmd_for(tool, &tree, &d),
+                &format!("{rtt} ms first {tool}"),
+            );
             rows.push(("first sync of the tree".into(), rtt, tool.into(), s, b));
-            let (s, b) = measure(&bed, cmd_for(tool, &tree, &d), tool);
+            let (s, b) = measure(
+                &bed,
+                cmd_for(tool, &tree, &d),
+                &format!("{rtt} ms no-change {tool}"),
+            );
             rows.push(("no-change re-sync".into(), rtt, tool.into(), s, b));
         }
         touch_one_in_hundred(&tree, files);
         for tool in tools {
             let d = dest(tool, "tree");
-            let (s, b) = measure(&bed, cmd_for(tool, &tree, &d), tool);
+            let (s, b) = measure(
+                &bed,
+                cmd_for(tool, &tree, &d),
+                &format!("{rtt} ms 1/100 {tool}"),
+            );
             rows.push(("1 file in 100 changed".into(), rtt, tool.into(), s, b));
         }
 
@@ -154,7 +168,11 @@ fn main() {
         edit_middle(&big_dir.join("disk.img"), b"8 bytes!");
         for tool in tools {
             let d = dest(tool, "big");
-            let (s, b) = measure(&bed, cmd_for(tool, &big_dir, &d), tool);
+            let (s, b) = measure(
+                &bed,
+                cmd_for(tool, &big_dir, &d),
+                &format!("{rtt} ms 8 bytes {tool}"),
+            );
             rows.push((
                 format!("8 bytes changed in {big_mb} MiB"),
                 rtt,

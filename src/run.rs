@@ -74,8 +74,12 @@ fn init_logging(cli: &Cli) {
     let level = ["error", "warn", "info", "debug", "trace"][base.min(4)];
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("vtun={level}")));
+    // Colors only on a terminal (and never with NO_COLOR): logs in files stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

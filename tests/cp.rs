@@ -252,6 +252,7 @@ fn connection_cut_mid_file_keeps_old_version_and_resume_finishes() {
     assert_eq!(hash_file(&dst.join("payload.bin")), hash(&data));
     assert!(!partial.exists(), "the partial became the file");
     let (up, _) = bed.wire_bytes_since(mark);
+    assert!(up > 0, "the gateway counted the resumed upload");
     assert!(
         up < (48 << 20) - kept + (4 << 20),
         "resume sent {up} bytes although {kept} were already there"
