@@ -178,7 +178,10 @@ fn eight_changed_bytes_in_a_large_file_move_as_a_small_delta() {
     );
     let (up, down) = bed.wire_bytes_since(mark);
     let wire = up + down;
-    assert!(up > 0 && down > 0, "the gateway counted the sync ({up} up, {down} down)");
+    assert!(
+        up > 0 && down > 0,
+        "the gateway counted the sync ({up} up, {down} down)"
+    );
     assert_eq!(
         hash_file(&dst.join("disk.img")),
         hash_file(&src.join("disk.img"))

@@ -42,8 +42,11 @@ pub fn diff(signature: &[u8], new: &[u8]) -> Result<Vec<u8>> {
 /// Apply `delta` to `base`; the result may not exceed `expected_len` bytes.
 pub fn apply(base: &[u8], delta: &[u8], expected_len: u64) -> Result<Vec<u8>> {
     let limit = usize::try_from(expected_len).context("file too large")?;
-    // `expected_len` comes from the peer: grow towards it rather than trusting it up front.
-    let mut out = Vec::with_capacity(limit.min(64 << 20));
+    // `expected_len` comes from the peer: reserve no more than the base and the delta can
+    // plausibly produce, so a lying peer cannot make us allocate without bound, while the usual
+    // case (a few changed bytes) allocates once instead of doubling its way up.
+    let plausible = base.len().saturating_add(delta.len());
+    let mut out = Vec::with_capacity(limit.min(plausible));
     fast_rsync::apply_limited(base, delta, &mut out, limit).context("cannot apply delta")?;
     if out.len() as u64 != expected_len {
         bail!(
@@ -52,6 +55,32 @@ pub fn apply(base: &[u8], delta: &[u8], expected_len: u64) -> Result<Vec<u8>> {
         );
     }
     Ok(out)
+}
+
+/// A read-only map of a regular file: deltas need the whole file at once, and mapping it from
+/// the page cache avoids copying it into (and faulting in) a heap buffer of the same size.
+pub struct Mapped(Option<memmap2::Mmap>);
+
+impl Mapped {
+    pub fn new(file: &std::fs::File) -> Result<Mapped> {
+        if file.metadata()?.len() == 0 {
+            // Mapping an empty file fails on Linux; an empty slice is what callers want.
+            return Ok(Mapped(None));
+        }
+        // SAFETY: the map is read-only and private to this process. A file changed by another
+        // process while mapped can change the bytes we see, as with read(): the whole-file
+        // BLAKE3 check on the receiving side catches the result either way.
+        let map = unsafe { memmap2::Mmap::map(file) }.context("cannot map file")?;
+        Ok(Mapped(Some(map)))
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
 }
 
 /// Whether sending `delta_len` bytes instead of a `file_len`-byte file is worth it.

@@ -90,16 +90,13 @@ impl Endpoint for LocalEndpoint {
 }
 
 /// Read a regular file (not through a symlink) whole.
-fn read_regular(root: &Path, rel: &RelPath) -> Result<Vec<u8>> {
+fn read_regular(root: &Path, rel: &RelPath) -> Result<delta::Mapped> {
     let path = rel.under(root);
-    let mut f = tree::open_nofollow(&path)?;
+    let f = tree::open_nofollow(&path)?;
     if !f.metadata()?.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(buf)
+    delta::Mapped::new(&f).with_context(|| format!("cannot read {}", path.display()))
 }
 
 fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
@@ -118,17 +115,13 @@ fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()>
         mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
     };
     if let Some(sig) = &req.signature {
-        let mut data = Vec::new();
-        f.read_to_end(&mut data)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let data =
+            delta::Mapped::new(&f).with_context(|| format!("cannot read {}", path.display()))?;
         let hash = *blake3::hash(&data).as_bytes();
         let data_len = data.len() as u64;
         let d = delta::diff(sig, &data)?;
-        let (is_delta, body) = if delta::pays(d.len(), data.len() as u64) {
-            (true, d)
-        } else {
-            (false, data)
-        };
+        let is_delta = delta::pays(d.len(), data_len);
+        let body: &[u8] = if is_delta { &d } else { &data };
         put(start(is_delta, data_len))?;
         for c in body.chunks(CHUNK) {
             put(Piece::Data(c.to_vec()))?;

@@ -6,7 +6,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -219,11 +219,7 @@ fn finish(mut f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Mismatch
     let size = match f.delta.take() {
         Some(d) => {
             let rebuilt = tree::open_nofollow(&f.target)
-                .and_then(|mut b| {
-                    let mut base = Vec::new();
-                    b.read_to_end(&mut base).context("cannot read base")?;
-                    Ok(base)
-                })
+                .and_then(|b| delta::Mapped::new(&b).context("cannot read base"))
                 .and_then(|base| delta::apply(&base, &d, f.size));
             let Ok(data) = rebuilt else {
                 return Err(Mismatch(true));
