@@ -128,16 +128,27 @@ impl Gateway {
         let activity = pump::Activity::new();
         let (tls_r, tls_w) = tokio::io::split(tls);
         let (be_r, be_w) = backend.into_split();
-        let up = pump::pipe(tls_r, be_w, self.delay, activity.clone());
-        let down = pump::pipe(be_r, tls_w, self.delay, activity.clone());
+        let up = pump::pipe(tls_r, be_w, self.delay, activity.clone(), true);
+        let down = pump::pipe(be_r, tls_w, self.delay, activity.clone(), false);
         let both = async {
             let (u, d) = tokio::join!(up, down);
-            let up = u.context("client → backend")?;
-            let down = d.context("backend → client")?;
-            // Bytes on the wire per connection: the benchmarks read these lines.
-            tracing::info!(up, down, "closed");
+            u.context("client → backend")?;
+            d.context("backend → client")?;
             Ok::<_, anyhow::Error>(())
         };
+        let result = self.relay_until_idle(both, &activity).await;
+        // Bytes on the wire per connection, however it ended: the benchmarks read these lines.
+        let up = activity.up.load(std::sync::atomic::Ordering::Relaxed);
+        let down = activity.down.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(up, down, "closed");
+        result
+    }
+
+    async fn relay_until_idle(
+        &self,
+        both: impl std::future::Future<Output = Result<()>>,
+        activity: &pump::Activity,
+    ) -> Result<()> {
         match self.idle_timeout {
             None => both.await,
             Some(limit) => {

@@ -16,10 +16,13 @@ const CHUNK: usize = 64 * 1024;
 /// Chunks in flight per direction when delaying (at most 64 MiB).
 const QUEUE: usize = 1024;
 
-/// Last time any byte moved, in milliseconds since `start`.
+/// Last time any byte moved, in milliseconds since `start`, and how many bytes were read in
+/// each direction so far (kept up to date so a connection that ends in an error still reports).
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    pub up: AtomicU64,
+    pub down: AtomicU64,
 }
 
 impl Activity {
@@ -27,7 +30,18 @@ impl Activity {
         Arc::new(Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes read so far in one direction.
+    pub fn counter(&self, upstream: bool) -> &AtomicU64 {
+        if upstream {
+            &self.up
+        } else {
+            &self.down
+        }
     }
 
     fn touch(&self) {
@@ -47,6 +61,7 @@ pub async fn pipe<R, W>(
     mut w: W,
     delay: Duration,
     activity: Arc<Activity>,
+    upstream: bool,
 ) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -65,6 +80,7 @@ where
                 break;
             }
             activity.touch();
+            activity.counter(upstream).fetch_add(n as u64, Ordering::Relaxed);
             w.write_all(&buf[..n]).await?;
             total += n as u64;
         }
@@ -83,6 +99,9 @@ where
                     return Ok(());
                 }
                 reader_activity.touch();
+                reader_activity
+                    .counter(upstream)
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 buf.truncate(n);
                 if tx.send((Instant::now(), buf)).await.is_err() {
                     return Ok(());
