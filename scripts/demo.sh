@@ -41,7 +41,9 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 Subsystem sftp internal-sftp
 LogLevel ERROR
+SetEnv HOME=$WORK/vm-home
 CONF
+mkdir -p "$WORK/vm-home"
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)
 "$SSHD" -D -e -f "$WORK/sshd_config" 2>"$WORK/sshd.log" &
 PIDS+=($!)
@@ -79,8 +81,8 @@ fi
 if "$VTUN" cp --help >/dev/null 2>&1 && "$VTUN" exec demo -- true 2>/dev/null; then
     mkdir -p "$WORK/dist/assets" && head -c 8M /dev/urandom >"$WORK/dist/app.bin"
     echo '<h1>hi</h1>' >"$WORK/dist/assets/index.html"
-    say "vtun cp -r ./dist demo:$WORK/deployed"
-    "$VTUN" cp -r "$WORK/dist" "demo:$WORK/deployed"
+    say "vtun cp -rp ./dist demo:$WORK/deployed"
+    "$VTUN" cp -rp "$WORK/dist" "demo:$WORK/deployed"
     ls -lR "$WORK/deployed" | sed -n 1,12p
 fi
 
