@@ -80,7 +80,9 @@ where
                 break;
             }
             activity.touch();
-            activity.counter(upstream).fetch_add(n as u64, Ordering::Relaxed);
+            activity
+                .counter(upstream)
+                .fetch_add(n as u64, Ordering::Relaxed);
             w.write_all(&buf[..n]).await?;
             total += n as u64;
         }
