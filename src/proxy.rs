@@ -35,12 +35,17 @@ async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
     tracing::debug!(name, port, "connected");
     let (mut rd, mut wr) = tokio::io::split(tls);
 
-    // stdin → TLS
-    let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(4);
-    std::thread::spawn(move || stdin_reader(in_tx));
+    // stdin → TLS: read on this task when stdin is a pipe or socket (the ProxyCommand case),
+    // else on a thread.
+    let mut stdin = Stdin::open();
     let upstream = tokio::spawn(async move {
-        while let Some(chunk) = in_rx.recv().await {
-            if let Err(e) = wr.write_all(&chunk).await {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let n = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Err(e) = wr.write_all(&buf[..n]).await {
                 tracing::debug!("upstream write failed: {e}");
                 return;
             }
@@ -87,6 +92,93 @@ async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
     // and ends with the process.
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     outcome
+}
+
+/// stdin as an async reader. Pipes and sockets are read directly on the TLS task (non-blocking,
+/// through the reactor): no thread hand-off and no extra copy per chunk. Terminals and files,
+/// whose descriptors may be shared with the shell, are read by a blocking thread instead.
+enum Stdin {
+    Direct(tokio::io::unix::AsyncFd<RawStdin>),
+    Thread(mpsc::Receiver<Vec<u8>>),
+}
+
+struct RawStdin;
+
+impl std::os::fd::AsRawFd for RawStdin {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        libc::STDIN_FILENO
+    }
+}
+
+impl Stdin {
+    fn open() -> Stdin {
+        if let Some(fd) = direct_stdin() {
+            return Stdin::Direct(fd);
+        }
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+        std::thread::spawn(move || stdin_reader(tx));
+        Stdin::Thread(rx)
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stdin::Direct(fd) => loop {
+                let mut guard = fd.readable().await?;
+                let r = guard.try_io(|_| {
+                    // SAFETY: reading into a valid, exclusively borrowed buffer of buf.len() bytes.
+                    let n = unsafe {
+                        libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    if n < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(n as usize)
+                    }
+                });
+                match r {
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Ok(result) => return result,
+                    Err(_would_block) => continue,
+                }
+            },
+            Stdin::Thread(rx) => match rx.recv().await {
+                Some(chunk) => {
+                    // The thread reads at most BUF bytes, the size of `buf`.
+                    let n = chunk.len().min(buf.len());
+                    buf[..n].copy_from_slice(&chunk[..n]);
+                    Ok(n)
+                }
+                None => Ok(0),
+            },
+        }
+    }
+}
+
+/// stdin registered with the reactor if it is a pipe or a socket. Setting O_NONBLOCK changes
+/// only our end's open file description (the other end belongs to the ssh client).
+fn direct_stdin() -> Option<tokio::io::unix::AsyncFd<RawStdin>> {
+    // SAFETY: fstat and fcntl on fd 0 with a valid out-pointer; no memory is shared.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(libc::STDIN_FILENO, &mut st) != 0 {
+            return None;
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFIFO && kind != libc::S_IFSOCK {
+            return None;
+        }
+        let flags = libc::fcntl(libc::STDIN_FILENO, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(libc::STDIN_FILENO, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+        {
+            return None;
+        }
+    }
+    // SAFETY: fd 0 stays open, on the same file description, for the life of the process, and
+    // RawStdin always returns it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(RawStdin, tokio::io::Interest::READABLE)
+    }
+    .ok()
 }
 
 fn stdin_reader(tx: mpsc::Sender<Vec<u8>>) {
