@@ -10,6 +10,9 @@ missing_packages() {
     command -v tmux >/dev/null 2>&1 || need+=(tmux)
     command -v openssl >/dev/null 2>&1 || need+=(openssl)
     [ -x /usr/bin/time ] || need+=(time)
+    command -v pgrep >/dev/null 2>&1 || need+=(procps)
+    command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+    command -v setsid >/dev/null 2>&1 || need+=(util-linux)
     if [ "${#need[@]}" -gt 0 ]; then
         printf '%s\n' "${need[@]}" | sort -u | tr '\n' ' '
     fi

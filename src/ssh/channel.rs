@@ -40,13 +40,29 @@ pub struct ChannelIo {
 /// Set by the pump when the channel or the whole session is gone. russh's writer would wait
 /// forever for window space that can no longer arrive, so writes check this first and a
 /// pending write is woken when it flips.
-#[derive(Default)]
 struct Closed {
     flag: std::sync::atomic::AtomicBool,
     waker: futures::task::AtomicWaker,
+    /// The host, so the error names it.
+    host: String,
 }
 
 impl Closed {
+    fn new(host: &str) -> Closed {
+        Closed {
+            flag: Default::default(),
+            waker: Default::default(),
+            host: host.to_string(),
+        }
+    }
+
+    fn lost(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!("connection to {} lost", self.host),
+        )
+    }
+
     fn set(&self) {
         self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
         self.waker.wake();
@@ -57,17 +73,13 @@ impl Closed {
     }
 }
 
-fn connection_lost() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection lost")
-}
-
 impl ChannelIo {
     /// Wrap `channel` on which `what` (e.g. "subsystem sftp") was just requested.
-    pub fn new(channel: Channel<Msg>, what: String) -> ChannelIo {
+    pub fn new(channel: Channel<Msg>, what: String, host: &str) -> ChannelIo {
         let writer = Box::pin(channel.make_writer());
         let (rd, wr) = channel.split();
         let (tx, rx) = mpsc::channel(READ_QUEUE);
-        let closed = Arc::new(Closed::default());
+        let closed = Arc::new(Closed::new(host));
         tokio::spawn(pump(rd, wr, tx, what, closed.clone()));
         ChannelIo {
             rx,
@@ -123,7 +135,7 @@ async fn pump(
             None => {
                 if !ended {
                     ended = true;
-                    let _ = tx.try_send(Err(connection_lost()));
+                    let _ = tx.try_send(Err(closed.lost()));
                 }
                 break;
             }
@@ -195,11 +207,11 @@ fn guard<T>(
     op: impl FnOnce(&mut Context<'_>) -> Poll<std::io::Result<T>>,
 ) -> Poll<std::io::Result<T>> {
     if closed.is_set() {
-        return Poll::Ready(Err(connection_lost()));
+        return Poll::Ready(Err(closed.lost()));
     }
     closed.waker.register(cx.waker());
     match op(cx) {
-        Poll::Pending if closed.is_set() => Poll::Ready(Err(connection_lost())),
+        Poll::Pending if closed.is_set() => Poll::Ready(Err(closed.lost())),
         other => other,
     }
 }
@@ -209,7 +221,8 @@ impl Opener for Session {
         Box::pin(async move {
             let ch = self.open_channel().await?;
             ch.request_subsystem(true, "sftp").await.map_err(lost)?;
-            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, "the sftp subsystem".into()));
+            let io: Box<dyn RemoteIo> =
+                Box::new(ChannelIo::new(ch, "the sftp subsystem".into(), self.name()));
             Ok(io)
         })
     }
@@ -220,7 +233,7 @@ impl Opener for Session {
             let ch = self.open_channel().await?;
             ch.exec(true, command.as_bytes()).await.map_err(lost)?;
             let what = format!("to run {command:?}");
-            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what));
+            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
             Ok(io)
         })
     }
