@@ -230,7 +230,11 @@ fn connection_cut_mid_file_keeps_old_version_and_resume_finishes() {
         out.stderr
     );
     assert!(out.stderr.contains("connection"), "{}", out.stderr);
-    assert!(out.stderr.contains("a-fault.vm.test"), "names the host: {}", out.stderr);
+    assert!(
+        out.stderr.contains("a-fault.vm.test"),
+        "names the host: {}",
+        out.stderr
+    );
     assert_eq!(
         std::fs::read(dst.join("payload.bin")).unwrap(),
         b"previous version\n"
