@@ -76,6 +76,12 @@ pub async fn run(
         clean_temps: !o.dry_run,
     };
     let (sl, dl) = futures::try_join!(src.list(src_opts), dst.list(dst_opts))?;
+    tracing::debug!(
+        "listed {} source and {} destination entries in {:.3} s",
+        sl.entries.len(),
+        dl.entries.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let Some(top) = sl.entries.first() else {
         bail!("source {:?} does not exist", display(&o.start));
     };
@@ -144,7 +150,11 @@ pub async fn run(
         }
     }
     if !forks.is_empty() {
-        tracing::debug!("sending over {} connections per side", forks.len() + 1);
+        tracing::debug!(
+            "sending over {} connections per side (at {:.3} s)",
+            forks.len() + 1,
+            t0.elapsed().as_secs_f64()
+        );
     }
     let transfers: Vec<(&RelPath, bool)> = p
         .actions
@@ -216,6 +226,7 @@ pub async fn run(
         }
     }
 
+    tracing::debug!("file contents done at {:.3} s", t0.elapsed().as_secs_f64());
     // Phase 3: symlinks, then metadata, directories last and deepest first.
     let mut ops = Vec::new();
     for a in &p.actions {
