@@ -58,7 +58,16 @@ impl Session {
         self.handle
             .channel_open_session()
             .await
-            .map_err(|e| SshError::ConnectionLost(format!("cannot open a channel: {e}")).into())
+            .map_err(|e| match e {
+                // The connection is fine; the server said no (OpenSSH allows `MaxSessions`
+                // channels per connection, 10 by default).
+                russh::Error::ChannelOpenFailure(why) => SshError::Protocol(format!(
+                    "{} refused another channel ({why:?}; sshd allows MaxSessions per connection)",
+                    self.name
+                ))
+                .into(),
+                e => SshError::ConnectionLost(format!("cannot open a channel: {e}")).into(),
+            })
     }
 
     /// The host's full name (`a.vm.vers.sh`).

@@ -130,21 +130,36 @@ impl RemoteFs {
     }
 
     /// The SFTP stream for `slot` (modulo the pool size), opening it on first use.
+    ///
+    /// Servers cap the channels per connection (OpenSSH: `MaxSessions`, 10 by default). When an
+    /// extra stream cannot be opened, its slot shares the first stream instead of failing the
+    /// copy: fewer channels, same result.
     pub async fn client(&self, slot: usize) -> Result<Sftp> {
-        let cell = &self.slots[slot % self.slots.len()];
-        let s = cell
+        let i = slot % self.slots.len();
+        let s = self.slots[i]
             .get_or_try_init(|| async {
-                let io = self
-                    .opener
-                    .sftp()
-                    .await
-                    .with_context(|| format!("cannot open SFTP to {}", self.name()))?;
-                Sftp::connect(io)
-                    .await
-                    .with_context(|| format!("SFTP to {}", self.name()))
+                match self.connect().await {
+                    Ok(s) => Ok(s),
+                    Err(e) if i > 0 => {
+                        tracing::info!("{e:#}; sharing the first channel instead");
+                        Box::pin(self.client(0)).await
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await?;
         Ok(s.clone())
+    }
+
+    async fn connect(&self) -> Result<Sftp> {
+        let io = self
+            .opener
+            .sftp()
+            .await
+            .with_context(|| format!("cannot open SFTP to {}", self.name()))?;
+        Sftp::connect(io)
+            .await
+            .with_context(|| format!("SFTP to {}", self.name()))
     }
 }
 
