@@ -138,8 +138,15 @@ pub async fn run(
     let total: u64 = sizes.values().sum();
     let mut forks: Vec<Fork> = Vec::new();
     if o.parallel > 1 && total >= PARALLEL_MIN && sizes.len() > 1 {
-        for _ in 1..o.parallel.min(sizes.len()) {
-            match futures::try_join!(src.fork(), dst.fork()) {
+        // All at once: each fork costs round trips (channel, agent start), not bandwidth.
+        let (src_ref, dst_ref) = (&*src, &*dst);
+        let opened = futures::future::join_all(
+            (1..o.parallel.min(sizes.len()))
+                .map(|_| async move { futures::try_join!(src_ref.fork(), dst_ref.fork()) }),
+        )
+        .await;
+        for f in opened {
+            match f {
                 Ok((Some(src), Some(dst))) => forks.push(Fork { src, dst }),
                 Ok(_) => break,
                 Err(e) => {
@@ -322,12 +329,18 @@ async fn transfer_spread(
     for f in forks.iter_mut() {
         pairs.push((f.src.as_mut(), f.dst.as_mut()));
     }
-    let reports = futures::future::join_all(
-        pairs
-            .into_iter()
-            .zip(groups)
-            .map(|((s, d), g)| transfer(s, d, g)),
-    )
+    let reports = futures::future::join_all(pairs.into_iter().zip(groups).enumerate().map(
+        |(i, ((s, d), g))| async move {
+            let t = Instant::now();
+            let n = g.len();
+            let r = transfer(s, d, g).await;
+            tracing::debug!(
+                "connection {i}: {n} files in {:.3} s",
+                t.elapsed().as_secs_f64()
+            );
+            r
+        },
+    ))
     .await;
     let mut total = RecvReport::default();
     for r in reports {
