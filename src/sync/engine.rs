@@ -135,7 +135,16 @@ pub async fn run(
             _ => None,
         })
         .collect();
-    let total: u64 = sizes.values().sum();
+    // What is likely to cross the wire: new files whole, updates mostly as small deltas.
+    let total: u64 = p
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Transfer { entry, update, .. } if *update => entry.size() / 16,
+            Action::Transfer { entry, .. } => entry.size(),
+            _ => 0,
+        })
+        .sum();
     let mut forks: Vec<Fork> = Vec::new();
     if o.parallel > 1 && total >= PARALLEL_MIN && sizes.len() > 1 {
         // All at once: each fork costs round trips (channel, agent start), not bandwidth.
