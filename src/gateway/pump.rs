@@ -15,6 +15,8 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 64 * 1024;
 /// Chunks in flight per direction when delaying (at most 64 MiB).
 const QUEUE: usize = 1024;
+/// Largest single write when delaying.
+const BATCH: usize = 256 * 1024;
 
 /// Last time any byte moved, in milliseconds since `start`, and how many bytes were read in
 /// each direction so far (kept up to date so a connection that ends in an error still reports).
@@ -91,8 +93,9 @@ where
         let reader_activity = activity.clone();
         let reader = tokio::spawn(async move {
             loop {
-                let mut buf = vec![0u8; CHUNK];
-                let n = match r.read(&mut buf).await {
+                // Not zeroed: read_buf only exposes what the read filled.
+                let mut buf = Vec::with_capacity(CHUNK);
+                let n = match r.read_buf(&mut buf).await {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
                     Err(e) => return Err(e),
@@ -104,16 +107,40 @@ where
                 reader_activity
                     .counter(upstream)
                     .fetch_add(n as u64, Ordering::Relaxed);
-                buf.truncate(n);
                 if tx.send((Instant::now(), buf)).await.is_err() {
                     return Ok(());
                 }
             }
         });
-        while let Some((stamp, chunk)) = rx.recv().await {
+        // Chunks that are due together go out in one write: TLS reads often return a record
+        // at a time, and one write (one TLS record train, one syscall) per 16 KiB would cost
+        // the bed more CPU than the bytes themselves.
+        let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+        let mut held: Option<(Instant, Vec<u8>)> = None;
+        loop {
+            let (stamp, chunk) = match held.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
             tokio::time::sleep_until((stamp + delay).into()).await;
-            w.write_all(&chunk).await?;
-            total += chunk.len() as u64;
+            batch.clear();
+            batch.extend_from_slice(&chunk);
+            let now = Instant::now();
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok((t, c)) if t + delay <= now => batch.extend_from_slice(&c),
+                    Ok(c) => {
+                        held = Some(c);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            w.write_all(&batch).await?;
+            total += batch.len() as u64;
         }
         reader
             .await
