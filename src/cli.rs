@@ -266,8 +266,9 @@ pub struct CpArgs {
     /// Continue an interrupted copy from its temporary partial file.
     #[arg(long)]
     pub resume: bool,
-    /// Parallel channels for large files and many small ones.
-    #[arg(long, default_value_t = 4, value_name = "N", env = "VTUN_PARALLEL")]
+    /// Parallel channels for large files and many small ones (sshd allows 10 per connection by
+    /// default, MaxSessions; extra ones share a channel).
+    #[arg(long, default_value_t = 8, value_name = "N", env = "VTUN_PARALLEL")]
     pub parallel: usize,
     /// Print a JSON summary (files, bytes, seconds, MB/s) on stdout.
     #[arg(long)]
@@ -325,6 +326,10 @@ pub struct SyncArgs {
     /// Never use the remote agent; copy whole files over SFTP.
     #[arg(long)]
     pub no_agent: bool,
+    /// Connections per side for file contents when there is much to send: enough to get past
+    /// OpenSSH's fixed 2 MiB channel window on high-latency links.
+    #[arg(long, default_value_t = 8, value_name = "N", env = "VTUN_PARALLEL")]
+    pub parallel: usize,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -342,7 +347,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "256M", value_name = "SIZE")]
     pub size: String,
     /// Parallel channels for the parallel run.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = 8, value_name = "N")]
     pub parallel: usize,
     /// Print the results as JSON on stdout.
     #[arg(long)]

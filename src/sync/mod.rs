@@ -37,10 +37,6 @@ use endpoint::Endpoint;
 use engine::{EngineOpts, Summary};
 use tree::RelPath;
 
-/// Connections per side for file contents on a big sync: enough to get past OpenSSH's fixed
-/// per-channel window on a high-latency link.
-const PARALLEL: usize = 4;
-
 /// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to stdout.
 pub async fn sync(settings: &Settings, args: &SyncArgs, connector: &dyn Connector) -> Result<u8> {
     let mut stdout = std::io::stdout();
@@ -80,7 +76,7 @@ pub async fn run_sync(
         excludes: excludes.patterns().to_vec(),
         delete_excluded: args.delete_excluded,
         start,
-        parallel: PARALLEL,
+        parallel: args.parallel.max(1),
     };
     let (mut s, mut d) = futures::try_join!(
         open(&src, src_root, connector, args.no_agent),
