@@ -124,9 +124,7 @@ fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()>
         let data =
             delta::Mapped::new(&f).with_context(|| format!("cannot read {}", path.display()))?;
         put(start(true, data.len() as u64))?;
-        let ((), hash) = delta::hash_beside(&data, || {
-            delta::diff(&sig, &data, &mut |chunk| put(Piece::Data(chunk)))
-        })?;
+        let hash = delta::diff(&sig, &data, &mut |chunk| put(Piece::Data(chunk)))?;
         return put(Piece::End { hash });
     }
     put(start(false, m.len()))?;

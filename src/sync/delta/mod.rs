@@ -15,6 +15,7 @@
 
 mod apply;
 mod diff;
+mod filehash;
 mod rebuild;
 mod signature;
 mod weak;
@@ -106,36 +107,6 @@ impl std::ops::Deref for Mapped {
     }
 }
 
-/// Run `work` while another thread computes the BLAKE3 of `data` (on this thread, after it,
-/// when `data` is small enough that a thread costs more than it saves).
-pub fn hash_beside<T>(data: &[u8], work: impl FnOnce() -> Result<T>) -> Result<(T, [u8; 32])> {
-    if data.len() < 4 << 20 {
-        let t = work()?;
-        return Ok((t, *blake3::hash(data).as_bytes()));
-    }
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let hasher = s.spawn(|| {
-            let mut h = blake3::Hasher::new();
-            for part in data.chunks(16 << 20) {
-                // `work` failed: nobody wants the hash.
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return None;
-                }
-                h.update(part);
-            }
-            Some(*h.finalize().as_bytes())
-        });
-        let t = work();
-        if t.is_err() {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        let hash = hasher.join().ok().flatten();
-        let t = t?;
-        Ok((t, hash.context("cannot hash the file")?))
-    })
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -174,11 +145,12 @@ mod tests {
     fn delta(sig: &[u8], new: &[u8]) -> anyhow::Result<(Vec<u8>, usize)> {
         let sig = Signature::parse(sig)?;
         let (mut all, mut pieces) = (Vec::new(), 0);
-        diff(&sig, new, &mut |p| {
+        let hash = diff(&sig, new, &mut |p| {
             all.extend_from_slice(&p);
             pieces += 1;
             Ok(())
         })?;
+        assert_eq!(hash, *blake3::hash(new).as_bytes(), "file hash");
         Ok((all, pieces))
     }
 
@@ -287,6 +259,19 @@ mod tests {
         let (d, _) = delta(&sig(&old), &shifted).unwrap();
         assert!(d.len() < 100, "shifted: {} bytes", d.len());
         assert_eq!(apply(&old, &d, shifted.len() as u64, 5).unwrap(), shifted);
+
+        // A disk image: mostly zeros, so hundreds of blocks share a weak sum; shifted by one
+        // byte, every zero block still matches at once.
+        let mut image = vec![0u8; 3 << 20];
+        image[1 << 20..(1 << 20) + 1000].copy_from_slice(&rng.bytes(1000));
+        let mut shifted = vec![7u8];
+        shifted.extend_from_slice(&image);
+        let (d, _) = delta(&sig(&image), &shifted).unwrap();
+        assert!(d.len() < 20_000, "zeros shifted: {} bytes", d.len());
+        assert_eq!(
+            apply(&image, &d, shifted.len() as u64, 4096).unwrap(),
+            shifted
+        );
     }
 
     #[test]
@@ -313,8 +298,9 @@ mod tests {
         let parsed = Signature::parse(&s).unwrap();
         let bs = parsed.block_size();
         for (k, block) in data.chunks(bs).enumerate() {
+            let cv = filehash::chaining_value(block, (k * bs) as u64);
             assert_eq!(parsed.weak(k), weak::Rolling::new(block).value());
-            assert_eq!(parsed.strong(k), signature::strong(block));
+            assert_eq!(parsed.strong(k), signature::strong(&cv));
         }
         assert_eq!(parsed.blocks(), data.len().div_ceil(bs));
     }

@@ -3,12 +3,15 @@
 //!
 //! Layout (integers little-endian): version `u8`, block size `u32`, basis length `u64`, the
 //! basis [`Token`], then per block (the last one may be short) its weak sum `u32` and the first
-//! [`STRONG`] bytes of its BLAKE3.
+//! [`STRONG`] bytes of its BLAKE3 chaining value as a subtree at its offset (see `filehash`
+//! for why not a plain BLAKE3 of the block).
 
 use std::fs::File;
 
 use anyhow::{bail, Context, Result};
+use blake3::hazmat::ChainingValue;
 
+use super::filehash::chaining_value;
 use super::weak::Rolling;
 use super::{Mapped, Token, VERSION};
 
@@ -29,10 +32,9 @@ pub fn block_size(len: u64) -> u32 {
     (1u32 << exp.min(31)).clamp(MIN_BLOCK, MAX_BLOCK)
 }
 
-pub fn strong(block: &[u8]) -> [u8; STRONG] {
-    let mut s = [0; STRONG];
-    s.copy_from_slice(&blake3::hash(block).as_bytes()[..STRONG]);
-    s
+/// The strong hash of a block at `offset` in its file, as the signature holds it.
+pub fn strong(cv: &ChainingValue) -> &[u8] {
+    &cv[..STRONG]
 }
 
 /// The signature of the regular file open as `file`.
@@ -61,23 +63,26 @@ pub fn signature_of(data: &[u8], token: Token) -> Vec<u8> {
     let per = blocks.div_ceil(threads).max(1);
     let mut runs = out[HEADER..]
         .chunks_mut(per * ENTRY)
-        .zip(data.chunks(per * bs));
+        .zip(data.chunks(per * bs))
+        .enumerate();
     let first = runs.next();
     std::thread::scope(|s| {
-        for (sums, src) in runs {
-            s.spawn(move || sum_blocks(src, bs, sums));
+        for (i, (sums, src)) in runs {
+            s.spawn(move || sum_blocks(src, i * per * bs, bs, sums));
         }
-        if let Some((sums, src)) = first {
-            sum_blocks(src, bs, sums);
+        if let Some((_, (sums, src))) = first {
+            sum_blocks(src, 0, bs, sums);
         }
     });
     out
 }
 
-fn sum_blocks(data: &[u8], bs: usize, out: &mut [u8]) {
-    for (block, entry) in data.chunks(bs).zip(out.chunks_mut(ENTRY)) {
+/// Sum the blocks of `data`, which starts at `offset` in its file.
+fn sum_blocks(data: &[u8], offset: usize, bs: usize, out: &mut [u8]) {
+    for (i, (block, entry)) in data.chunks(bs).zip(out.chunks_mut(ENTRY)).enumerate() {
+        let cv = chaining_value(block, (offset + i * bs) as u64);
         entry[..4].copy_from_slice(&Rolling::new(block).value().to_le_bytes());
-        entry[4..].copy_from_slice(&strong(block));
+        entry[4..].copy_from_slice(strong(&cv));
     }
 }
 
@@ -98,7 +103,8 @@ impl<'a> Signature<'a> {
             bail!("unknown signature version {}", head[0]);
         }
         let block = u32::from_le_bytes(head[1..5].try_into()?);
-        if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
+        // A power of two, so blocks are subtrees of BLAKE3's tree.
+        if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) || !block.is_power_of_two() {
             bail!("bad signature block size {block}");
         }
         let len = u64::from_le_bytes(head[5..13].try_into()?);
@@ -153,7 +159,7 @@ impl<'a> Signature<'a> {
 
 /// The full blocks of a signature by weak sum: buckets laid out flat (`starts` indexes
 /// `slots`), about two buckets per block, so a miss, the common answer while rolling, costs
-/// one multiply and two adjacent loads.
+/// one multiply and two adjacent loads. Within a bucket, blocks are in file order.
 pub struct Index {
     shift: u32,
     starts: Vec<u32>,
@@ -162,17 +168,12 @@ pub struct Index {
 
 impl Index {
     pub fn new(sig: &Signature) -> Index {
-        // Blocks with the same content (runs of zeros in a disk image) are kept once, the first
-        // one, so a lookup never wades through thousands of equal candidates.
-        let mut ks: Vec<u32> = (0..sig.full_blocks() as u32).collect();
-        let key = |k: &u32| (sig.weak(*k as usize), sig.strong(*k as usize), *k);
-        ks.sort_unstable_by(|x, y| key(x).cmp(&key(y)));
-        ks.dedup_by(|x, y| key(x).0 == key(y).0 && key(x).1 == key(y).1);
+        let ks = 0..sig.full_blocks() as u32;
         let bits = (usize::BITS - ks.len().leading_zeros()).clamp(4, 24);
         let shift = 32 - bits;
         let mut starts = vec![0u32; (1 << bits) + 1];
         let bucket = |w: u32| (w.wrapping_mul(0x9e37_79b1) >> shift) as usize;
-        for &k in &ks {
+        for k in ks.clone() {
             starts[bucket(sig.weak(k as usize)) + 1] += 1;
         }
         for i in 1..starts.len() {
@@ -180,7 +181,7 @@ impl Index {
         }
         let mut fill = starts.clone();
         let mut slots = vec![0u32; ks.len()];
-        for &k in &ks {
+        for k in ks {
             let b = bucket(sig.weak(k as usize));
             slots[fill[b] as usize] = k;
             fill[b] += 1;
