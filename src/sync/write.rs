@@ -10,6 +10,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc as mpsc_std, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
@@ -43,6 +44,9 @@ pub fn safe_path(root: &Path, rel: &RelPath) -> Result<PathBuf> {
 
 /// How much written data `TempFile::write_behind` lets pile up before it starts writeback.
 const WRITE_BEHIND: u64 = 8 << 20;
+
+/// Replaced files at least this big are closed in the background (see `release`).
+const RELEASE_ASIDE: u64 = 64 << 20;
 
 /// A temporary file beside its target, removed unless committed.
 struct TempFile {
@@ -288,9 +292,12 @@ fn begin(
 
 fn finish(f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Failed> {
     let retry = matches!(f.body, Body::Delta(_));
-    let got = match f.body {
-        Body::Delta(d) => d.finish().map_err(Failed::from_apply)?,
-        Body::Whole(h) => *h.finalize().as_bytes(),
+    let (got, basis) = match f.body {
+        Body::Delta(d) => {
+            let (got, basis) = d.finish().map_err(Failed::from_apply)?;
+            (got, Some(basis))
+        }
+        Body::Whole(h) => (*h.finalize().as_bytes(), None),
     };
     if got != *hash {
         return Err(Failed {
@@ -302,7 +309,33 @@ fn finish(f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Failed> {
     f.tmp
         .commit(&f.target, f.mode, f.mtime_ns)
         .map_err(Failed::fatal)?;
+    if let Some(old) = basis {
+        release(old);
+    }
     Ok(size)
+}
+
+/// Close an old file that a rename has just replaced. Its last close frees its blocks and page
+/// cache, which for a big file takes a while (seconds with online discard) and is nobody's to
+/// wait for: big ones are closed on a thread of their own, so the rename, the report and the
+/// next file do not wait for it (a process exiting still does).
+fn release(old: File) {
+    static CLOSER: OnceLock<Option<mpsc_std::Sender<File>>> = OnceLock::new();
+    if old.metadata().map_or(true, |m| m.len() < RELEASE_ASIDE) {
+        return;
+    }
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc_std::channel::<File>();
+        std::thread::Builder::new()
+            .name("vtun-close".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = closer {
+        // If the closer is gone, `old` comes back in the error and is closed here.
+        let _ = tx.send(old);
+    }
 }
 
 pub fn apply_op(root: &Path, op: &Op) -> Result<()> {

@@ -77,8 +77,8 @@ impl Rebuild {
     }
 
     /// The BLAKE3 of what was written, once the delta is complete and the basis is checked
-    /// not to have changed while it was read.
-    pub fn finish(self) -> Result<[u8; 32], ApplyError> {
+    /// not to have changed while it was read; and the basis, still open.
+    pub fn finish(self) -> Result<([u8; 32], File), ApplyError> {
         self.parser.finish()?;
         let Writer {
             basis, token, hash, ..
@@ -94,7 +94,7 @@ impl Rebuild {
         if Token::of(&basis).ok() != Some(token) {
             return Err(invalid("the old file changed while the delta was applied"));
         }
-        Ok(hash)
+        Ok((hash, basis))
     }
 }
 
