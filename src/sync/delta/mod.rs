@@ -316,9 +316,22 @@ mod tests {
         let mut huge = good.clone();
         huge[5..13].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(Signature::parse(&huge).is_err());
-        let mut bad_block = good.clone();
-        bad_block[1..5].copy_from_slice(&3u32.to_le_bytes());
-        assert!(Signature::parse(&bad_block).is_err());
+        // Block sizes out of range or not a power of two (BLAKE3 subtrees could not be
+        // aligned), with as many entries as the header asks for; 2048 shows the rest is right.
+        for (block, ok) in [
+            (2048u32, true),
+            (3072, false),
+            (512, false),
+            (1 << 18, false),
+        ] {
+            let len = 10_000u64;
+            let mut s = vec![VERSION];
+            s.extend_from_slice(&block.to_le_bytes());
+            s.extend_from_slice(&len.to_le_bytes());
+            s.extend_from_slice(&TOKEN.to_bytes());
+            s.resize(s.len() + len.div_ceil(block as u64) as usize * 20, 0);
+            assert_eq!(Signature::parse(&s).is_ok(), ok, "block size {block}");
+        }
 
         // Deltas: unknown op, copies past the basis, output past the size, truncation.
         let base = b"0123456789";
