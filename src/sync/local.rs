@@ -44,7 +44,11 @@ impl Endpoint for LocalEndpoint {
         Box::pin(blocking(move || {
             Ok(paths
                 .iter()
-                .map(|p| read_regular(&root, p).ok().map(|d| delta::signature(&d)))
+                .map(|p| {
+                    open_regular(&root, p)
+                        .and_then(|f| delta::signature(&f))
+                        .ok()
+                })
                 .collect())
         }))
     }
@@ -89,14 +93,14 @@ impl Endpoint for LocalEndpoint {
     }
 }
 
-/// Read a regular file (not through a symlink) whole.
-fn read_regular(root: &Path, rel: &RelPath) -> Result<delta::Mapped> {
+/// Open a regular file (not through a symlink).
+fn open_regular(root: &Path, rel: &RelPath) -> Result<std::fs::File> {
     let path = rel.under(root);
     let f = tree::open_nofollow(&path)?;
     if !f.metadata()?.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    delta::Mapped::new(&f).with_context(|| format!("cannot read {}", path.display()))
+    Ok(f)
 }
 
 fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
@@ -115,17 +119,12 @@ fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()>
         mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
     };
     if let Some(sig) = &req.signature {
+        // Always a delta: one that is all literals costs about what the file does.
+        let sig = delta::Signature::parse(sig).context("bad signature from the receiver")?;
         let data =
             delta::Mapped::new(&f).with_context(|| format!("cannot read {}", path.display()))?;
-        let hash = *blake3::hash(&data).as_bytes();
-        let data_len = data.len() as u64;
-        let d = delta::diff(sig, &data)?;
-        let is_delta = delta::pays(d.len(), data_len);
-        let body: &[u8] = if is_delta { &d } else { &data };
-        put(start(is_delta, data_len))?;
-        for c in body.chunks(CHUNK) {
-            put(Piece::Data(c.to_vec()))?;
-        }
+        put(start(true, data.len() as u64))?;
+        let hash = delta::diff(&sig, &data, &mut |chunk| put(Piece::Data(chunk)))?;
         return put(Piece::End { hash });
     }
     put(start(false, m.len()))?;

@@ -16,7 +16,7 @@ use super::tree::{Entry, Kind, ListOpts, Listing, RelPath};
 
 pub const MAGIC: &[u8; 12] = b"\x00vtun-agent\x00";
 /// Bump on any incompatible change; agents of another version are not used.
-pub const PROTO: u32 = 1;
+pub const PROTO: u32 = 2;
 /// Largest frame accepted (a listing of a very large tree is the biggest).
 pub const MAX_FRAME: usize = 512 << 20;
 

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc as mpsc_std, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
@@ -41,10 +42,18 @@ pub fn safe_path(root: &Path, rel: &RelPath) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// How much written data `TempFile::write_behind` lets pile up before it starts writeback.
+const WRITE_BEHIND: u64 = 8 << 20;
+
+/// Replaced files at least this big are closed in the background (see `release`).
+const RELEASE_ASIDE: u64 = 64 << 20;
+
 /// A temporary file beside its target, removed unless committed.
 struct TempFile {
     path: PathBuf,
     file: File,
+    /// Where writeback was last started (see `write_behind`).
+    flushed: u64,
     committed: bool,
 }
 
@@ -67,8 +76,37 @@ impl TempFile {
         Ok(TempFile {
             path: tmp,
             file,
+            flushed: 0,
             committed: false,
         })
+    }
+
+    /// Start writeback of what has been written so far, every `WRITE_BEHIND` bytes. Renaming
+    /// over an existing file makes ext4 flush the new one first (`auto_da_alloc`), so without
+    /// this a big file's whole writeback happens inside the final rename; started as the data
+    /// arrives, it overlaps the transfer instead. Only a hint: failures are ignored.
+    fn write_behind(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::io::Seek;
+            use std::os::fd::AsRawFd;
+            let Ok(end) = (&self.file).stream_position() else {
+                return;
+            };
+            if end < self.flushed + WRITE_BEHIND {
+                return;
+            }
+            // SAFETY: plain syscall on a descriptor we own; it only starts writeback.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    self.flushed as i64,
+                    (end - self.flushed) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.flushed = end;
+        }
     }
 
     /// Set metadata and rename over `target`.
@@ -96,11 +134,46 @@ struct InFlight {
     rel: RelPath,
     target: PathBuf,
     tmp: TempFile,
-    delta: Option<Vec<u8>>,
-    hasher: blake3::Hasher,
-    size: u64,
+    body: Body,
     mode: u32,
     mtime_ns: i64,
+}
+
+enum Body {
+    /// The content itself, hashed as it is written.
+    Whole(Box<blake3::Hasher>),
+    /// A delta against the file at the target.
+    Delta(delta::Rebuild),
+}
+
+/// Why a file was not written. `retry`: sending it whole can fix it (a delta that does not fit
+/// the receiver's file or did not rebuild the sender's content).
+struct Failed {
+    retry: bool,
+    why: anyhow::Error,
+}
+
+impl Failed {
+    fn fatal(why: anyhow::Error) -> Failed {
+        Failed { retry: false, why }
+    }
+    fn from_apply(e: delta::ApplyError) -> Failed {
+        Failed {
+            retry: matches!(e, delta::ApplyError::Invalid(_)),
+            why: e.into(),
+        }
+    }
+}
+
+impl RecvReport {
+    fn fail(&mut self, rel: RelPath, f: Failed) {
+        if f.retry {
+            tracing::debug!("{rel}: {:#}; will send it whole", f.why);
+            self.mismatched.push(rel);
+        } else {
+            self.failed.push((rel, format!("{:#}", f.why)));
+        }
+    }
 }
 
 pub fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport {
@@ -124,7 +197,7 @@ pub fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport 
                 match begin(root, &path, delta, size, mode, mtime_ns) {
                     Ok(f) => cur = Some(f),
                     Err(e) => {
-                        report.failed.push((path, format!("{e:#}")));
+                        report.fail(path, e);
                         skipping = true;
                     }
                 }
@@ -139,25 +212,25 @@ pub fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport 
                     }
                     continue;
                 };
-                let r = match &mut f.delta {
-                    // A delta is only sent when smaller than the file; more is a broken peer.
-                    Some(d) if (d.len() + bytes.len()) as u64 > f.size.saturating_add(1 << 16) => {
-                        Err(anyhow::anyhow!("delta larger than the file"))
-                    }
-                    Some(d) => {
-                        d.extend_from_slice(&bytes);
-                        Ok(())
-                    }
-                    None => {
-                        f.hasher.update(&bytes);
-                        f.tmp.file.write_all(&bytes).context("cannot write")
+                let r = match &mut f.body {
+                    Body::Delta(d) => d.feed(&bytes, &f.tmp.file).map_err(Failed::from_apply),
+                    Body::Whole(h) => {
+                        h.update(&bytes);
+                        f.tmp
+                            .file
+                            .write_all(&bytes)
+                            .context("cannot write")
+                            .map_err(Failed::fatal)
                     }
                 };
                 if let Err(e) = r {
+                    // Dropping the file removes its temporary file.
                     if let Some(f) = cur.take() {
-                        report.failed.push((f.rel, format!("{e:#}")));
+                        report.fail(f.rel, e);
                     }
                     skipping = true;
+                } else {
+                    f.tmp.write_behind();
                 }
             }
             Piece::End { hash } => {
@@ -168,10 +241,7 @@ pub fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport 
                         report.files += 1;
                         report.bytes += n;
                     }
-                    Err(Mismatch(true)) => report.mismatched.push(rel),
-                    Err(Mismatch(false)) => {
-                        report.failed.push((rel, "content hash mismatch".into()))
-                    }
+                    Err(e) => report.fail(rel, e),
                 }
             }
             Piece::Skip { path, reason } => {
@@ -193,55 +263,79 @@ fn begin(
     size: u64,
     mode: u32,
     mtime_ns: i64,
-) -> Result<InFlight> {
+) -> std::result::Result<InFlight, Failed> {
     if rel.is_root() {
-        bail!("refusing to write a file over the root");
+        return Err(Failed::fatal(anyhow::anyhow!(
+            "refusing to write a file over the root"
+        )));
     }
-    let target = safe_path(root, rel)?;
-    let tmp = TempFile::create(&target)?;
+    let target = safe_path(root, rel).map_err(Failed::fatal)?;
+    let body = if delta {
+        // The old file is gone or no longer a regular file: its delta cannot apply.
+        let rebuild = tree::open_nofollow(&target)
+            .and_then(|basis| delta::Rebuild::new(basis, size))
+            .map_err(|why| Failed { retry: true, why })?;
+        Body::Delta(rebuild)
+    } else {
+        Body::Whole(Box::default())
+    };
+    let tmp = TempFile::create(&target).map_err(Failed::fatal)?;
     Ok(InFlight {
         rel: rel.clone(),
         target,
         tmp,
-        delta: delta.then(Vec::new),
-        hasher: blake3::Hasher::new(),
-        size,
+        body,
         mode,
         mtime_ns,
     })
 }
 
-/// `Mismatch(true)`: a delta that did not rebuild the sender's content (retry whole);
-/// `Mismatch(false)`: a failure a retry will not fix. Other errors are folded into the latter.
-struct Mismatch(bool);
-
-fn finish(mut f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Mismatch> {
-    let size = match f.delta.take() {
-        Some(d) => {
-            let rebuilt = tree::open_nofollow(&f.target)
-                .and_then(|b| delta::Mapped::new(&b).context("cannot read base"))
-                .and_then(|base| delta::apply(&base, &d, f.size));
-            let Ok(data) = rebuilt else {
-                return Err(Mismatch(true));
-            };
-            if blake3::hash(&data).as_bytes() != hash {
-                return Err(Mismatch(true));
-            }
-            f.tmp.file.write_all(&data).map_err(|_| Mismatch(false))?;
-            data.len() as u64
+fn finish(f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Failed> {
+    let retry = matches!(f.body, Body::Delta(_));
+    let (got, basis) = match f.body {
+        Body::Delta(d) => {
+            let (got, basis) = d.finish().map_err(Failed::from_apply)?;
+            (got, Some(basis))
         }
-        None => {
-            if f.hasher.finalize().as_bytes() != hash {
-                return Err(Mismatch(false));
-            }
-            f.tmp.file.metadata().map(|m| m.len()).unwrap_or(0)
-        }
+        Body::Whole(h) => (*h.finalize().as_bytes(), None),
     };
-    f.tmp.commit(&f.target, f.mode, f.mtime_ns).map_err(|e| {
-        tracing::warn!("{e:#}");
-        Mismatch(false)
-    })?;
+    if got != *hash {
+        return Err(Failed {
+            retry,
+            why: anyhow::anyhow!("content hash mismatch"),
+        });
+    }
+    let size = f.tmp.file.metadata().map(|m| m.len()).unwrap_or(0);
+    f.tmp
+        .commit(&f.target, f.mode, f.mtime_ns)
+        .map_err(Failed::fatal)?;
+    if let Some(old) = basis {
+        release(old);
+    }
     Ok(size)
+}
+
+/// Close an old file that a rename has just replaced. Its last close frees its blocks and page
+/// cache, which for a big file takes a while (seconds with online discard) and is nobody's to
+/// wait for: big ones are closed on a thread of their own, so the rename, the report and the
+/// next file do not wait for it (a process exiting still does).
+fn release(old: File) {
+    static CLOSER: OnceLock<Option<mpsc_std::Sender<File>>> = OnceLock::new();
+    if old.metadata().map_or(true, |m| m.len() < RELEASE_ASIDE) {
+        return;
+    }
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc_std::channel::<File>();
+        std::thread::Builder::new()
+            .name("vtun-close".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = closer {
+        // If the closer is gone, `old` comes back in the error and is closed here.
+        let _ = tx.send(old);
+    }
 }
 
 pub fn apply_op(root: &Path, op: &Op) -> Result<()> {
@@ -412,6 +506,89 @@ mod tests {
         assert_eq!(r.failed.len(), 1);
         assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    /// The pieces of a delta sync of `new` over the file at `old`, with its signature taken now.
+    fn delta_pieces(old: &Path, rel: &RelPath, new: &[u8]) -> Vec<Piece> {
+        let sig = delta::signature(&File::open(old).unwrap()).unwrap();
+        let mut pieces = vec![Piece::Start {
+            path: rel.clone(),
+            delta: true,
+            size: new.len() as u64,
+            mode: 0o644,
+            mtime_ns: 0,
+        }];
+        let sig = delta::Signature::parse(&sig).unwrap();
+        delta::diff(&sig, new, &mut |p| {
+            pieces.push(Piece::Data(p));
+            Ok(())
+        })
+        .unwrap();
+        pieces.push(Piece::End {
+            hash: *blake3::hash(new).as_bytes(),
+        });
+        pieces
+    }
+
+    fn receive(root: &Path, pieces: Vec<Piece>) -> RecvReport {
+        let (tx, rx) = mpsc::channel(pieces.len());
+        for p in pieces {
+            tx.try_send(p).unwrap();
+        }
+        drop(tx);
+        receive_all(root, rx)
+    }
+
+    #[test]
+    fn delta_rebuilds_the_new_content() {
+        let d = tempfile::tempdir().unwrap();
+        let old: Vec<u8> = (0..5u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
+        let mut new = old.clone();
+        new[3 << 20..(3 << 20) + 5].copy_from_slice(b"fresh");
+        new.splice(100..100, *b"inserted");
+        std::fs::write(d.path().join("f"), &old).unwrap();
+        let rel = RelPath::parse("f").unwrap();
+        let r = receive(d.path(), delta_pieces(&d.path().join("f"), &rel, &new));
+        assert_eq!((r.files, r.bytes), (1, new.len() as u64), "{r:?}");
+        assert!(std::fs::read(d.path().join("f")).unwrap() == new);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn delta_against_a_changed_basis_is_mismatched_and_not_renamed() {
+        for replace in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let f = d.path().join("f");
+            let old: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&f, &old).unwrap();
+            let rel = RelPath::parse("f").unwrap();
+            let mut new = old.clone();
+            new[50_000] ^= 1;
+            let pieces = delta_pieces(&f, &rel, &new);
+            let now = if replace {
+                // Replaced after its signature was taken: same size, other content and inode.
+                let changed = vec![3u8; old.len()];
+                std::fs::write(d.path().join("g"), &changed).unwrap();
+                std::fs::rename(d.path().join("g"), &f).unwrap();
+                changed
+            } else {
+                // Only touched: the delta would even rebuild the right content, but the
+                // receiver cannot know that before it has read the whole file.
+                let t = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+                File::options()
+                    .write(true)
+                    .open(&f)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+                old
+            };
+            let r = receive(d.path(), pieces);
+            assert_eq!(r.mismatched, vec![rel], "replace {replace}: {r:?}");
+            assert_eq!((r.files, r.failed.len()), (0, 0));
+            assert!(std::fs::read(&f).unwrap() == now);
+            assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        }
     }
 
     #[test]

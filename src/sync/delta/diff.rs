@@ -1,0 +1,244 @@
+//! The sender's side: walk the new file once against the receiver's signature and stream the
+//! delta out in pieces while walking.
+//!
+//! At each position the block after the last match is tried first, by strong hash alone: in an
+//! unchanged stretch that is one BLAKE3 per block and no rolling. Only after a miss does the
+//! walk roll the weak sum byte by byte, looking each value up in the [`Index`], until some block
+//! matches again. Consecutive copies are merged into runs, and a run is cut every [`RUN_MAX`]
+//! bytes so the receiver gets work while the sender is still hashing. The walk also yields the
+//! new file's BLAKE3, mostly from values it computed anyway (see `filehash`).
+
+use anyhow::{Context, Result};
+use blake3::hazmat::ChainingValue;
+
+use super::filehash::{chaining_value, FileHash};
+use super::signature::{strong, Index, Signature};
+use super::weak::Rolling;
+use super::{OP_COPY, OP_LITERAL, VERSION};
+
+/// Longest copy run: a piece goes out at least this often while the file is unchanged.
+const RUN_MAX: u64 = 8 << 20;
+/// Size at which a piece is handed on, and the longest literal op.
+const PIECE: usize = 256 << 10;
+/// Candidates with the right weak sum checked per position: more only happens when many blocks
+/// share a weak sum but not their content, which takes a crafted signature.
+const MAX_CANDIDATES: usize = 8;
+
+/// Stream the delta that turns the file behind `sig` into `new` to `emit`, in pieces of about
+/// 256 KiB (more often while long copy runs go by). Returns the BLAKE3 of `new`.
+pub fn diff(
+    sig: &Signature,
+    new: &[u8],
+    emit: &mut dyn FnMut(Vec<u8>) -> Result<()>,
+) -> Result<[u8; 32]> {
+    std::thread::scope(|scope| {
+        let mut w = Walk {
+            sig,
+            index: Index::new(sig),
+            new,
+            out: Out {
+                buf: Vec::with_capacity(PIECE + 64),
+                run: None,
+                emit,
+            },
+            literal_from: 0,
+            hash: FileHash::new(new, sig.block_size(), scope),
+        };
+        w.out.buf.push(VERSION);
+        w.out.buf.extend_from_slice(&sig.token().to_bytes());
+        w.run()
+    })
+}
+
+/// A block of the signature found in the new file, with the chaining value computed to check
+/// it (as a subtree at the block's old offset).
+struct Match {
+    at: usize,
+    block: usize,
+    cv: ChainingValue,
+}
+
+struct Walk<'a, 'e, 's> {
+    sig: &'a Signature<'a>,
+    index: Index,
+    new: &'a [u8],
+    out: Out<'e>,
+    /// Start of the literal bytes not yet emitted; they end where the next match starts.
+    literal_from: usize,
+    hash: FileHash<'a, 's>,
+}
+
+impl Walk<'_, '_, '_> {
+    fn run(mut self) -> Result<[u8; 32]> {
+        let new = self.new;
+        let mut pos = 0;
+        let mut expect = 0;
+        while pos < new.len() {
+            if expect < self.sig.blocks() {
+                let end = pos + self.sig.block_len(expect);
+                if end <= new.len() {
+                    let cv = chaining_value(&new[pos..end], self.sig.offset(expect));
+                    if strong(&cv) == self.sig.strong(expect) {
+                        self.matched(Match {
+                            at: pos,
+                            block: expect,
+                            cv,
+                        })?;
+                        pos = end;
+                        expect += 1;
+                        continue;
+                    }
+                }
+            }
+            match self.search(pos)? {
+                Some(m) => {
+                    pos = m.at + self.sig.block_len(m.block);
+                    expect = m.block + 1;
+                    self.matched(m)?;
+                }
+                None => break,
+            }
+        }
+        self.out.literal(&new[self.literal_from..])?;
+        self.out.finish()?;
+        self.hash.finish().context("cannot hash the file")
+    }
+
+    fn matched(&mut self, m: Match) -> Result<()> {
+        self.out.literal(&self.new[self.literal_from..m.at])?;
+        let len = self.sig.block_len(m.block);
+        let offset = self.sig.offset(m.block);
+        self.out.copy(offset, len as u64)?;
+        let end = m.at + len;
+        self.literal_from = end;
+        // Unchanged in place, and all of the new file's block there (not a short old last block
+        // matching the start of a longer new one): its value is the new file's.
+        let bs = self.sig.block_size();
+        let in_place = m.at as u64 == offset && end == (m.at + bs).min(self.new.len());
+        self.hash.passed(end, in_place.then_some((m.at / bs, m.cv)));
+        Ok(())
+    }
+
+    /// The first position at or after `from` where some block matches, rolling the weak sum.
+    /// Literal bytes passed over are emitted as they pile up.
+    fn search(&mut self, from: usize) -> Result<Option<Match>> {
+        let new = self.new;
+        let bs = self.sig.block_size();
+        if from + bs <= new.len() && !self.index.is_empty() {
+            let mut p = from;
+            let mut sum = Rolling::new(&new[p..p + bs]);
+            loop {
+                if let Some((block, cv)) = self.lookup(sum.value(), &new[p..p + bs]) {
+                    return Ok(Some(Match { at: p, block, cv }));
+                }
+                if p + bs == new.len() {
+                    break;
+                }
+                sum.roll(new[p], new[p + bs]);
+                p += 1;
+                if p - self.literal_from >= PIECE {
+                    self.out.literal(&new[self.literal_from..p])?;
+                    self.literal_from = p;
+                    self.hash.passed(p, None);
+                }
+            }
+        }
+        // A short last block can only match at the very end.
+        let last = self.sig.blocks().wrapping_sub(1);
+        if self.sig.full_blocks() < self.sig.blocks() {
+            let len = self.sig.block_len(last);
+            if new.len() - from >= len {
+                let at = new.len() - len;
+                let cv = chaining_value(&new[at..], self.sig.offset(last));
+                if strong(&cv) == self.sig.strong(last) {
+                    return Ok(Some(Match {
+                        at,
+                        block: last,
+                        cv,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A block whose weak sum is `weak` and whose content is `window`. The strong hash depends
+    /// on the block's offset, so it is computed per candidate; blocks with equal content (runs
+    /// of zeros) share a weak sum, and the first of them already matches.
+    fn lookup(&self, weak: u32, window: &[u8]) -> Option<(usize, ChainingValue)> {
+        self.index
+            .candidates(weak)
+            .iter()
+            .map(|&k| k as usize)
+            .filter(|&k| self.sig.weak(k) == weak)
+            .take(MAX_CANDIDATES)
+            .find_map(|k| {
+                let cv = chaining_value(window, self.sig.offset(k));
+                (strong(&cv) == self.sig.strong(k)).then_some((k, cv))
+            })
+    }
+}
+
+/// The encoder: ops into a buffer, the buffer to `emit` once it is a piece's worth.
+struct Out<'e> {
+    buf: Vec<u8>,
+    /// A copy run still growing: basis offset and length.
+    run: Option<(u64, u64)>,
+    emit: &'e mut dyn FnMut(Vec<u8>) -> Result<()>,
+}
+
+impl Out<'_> {
+    fn copy(&mut self, offset: u64, len: u64) -> Result<()> {
+        match &mut self.run {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => {
+                self.end_run();
+                self.run = Some((offset, len));
+            }
+        }
+        if self.run.is_some_and(|(_, l)| l >= RUN_MAX) {
+            self.end_run();
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn end_run(&mut self) {
+        if let Some((offset, len)) = self.run.take() {
+            self.buf.push(OP_COPY);
+            self.buf.extend_from_slice(&offset.to_le_bytes());
+            self.buf.extend_from_slice(&len.to_le_bytes());
+        }
+    }
+
+    fn literal(&mut self, mut bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.end_run();
+        while !bytes.is_empty() {
+            let n = bytes.len().min(PIECE);
+            self.buf.push(OP_LITERAL);
+            self.buf.extend_from_slice(&(n as u32).to_le_bytes());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() >= PIECE {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE + 64));
+        (self.emit)(piece)
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.end_run();
+        self.flush()
+    }
+}
