@@ -12,10 +12,6 @@ use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
 use super::plan::{itemize, plan, Action, PlanOpts};
 use super::tree::{Kind, ListOpts, RelPath};
 
-/// Largest file sent as a delta: delta encoding holds the old and new file in memory on their
-/// respective sides, so bigger files are sent whole.
-const DELTA_MAX: u64 = 2 << 30;
-
 /// Below this many bytes to send, extra connections cost more than they bring.
 const PARALLEL_MIN: u64 = 8 << 20;
 
@@ -176,9 +172,7 @@ pub async fn run(
         .actions
         .iter()
         .filter_map(|a| match a {
-            Action::Transfer { entry, update, .. } => {
-                Some((&entry.path, *update && entry.size() <= DELTA_MAX))
-            }
+            Action::Transfer { entry, update, .. } => Some((&entry.path, *update)),
             _ => None,
         })
         .collect();
