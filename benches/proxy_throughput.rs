@@ -2,8 +2,13 @@
 //! ProxyCommand of the same OpenSSH client running `cat > /dev/null` on the test bed, in the same
 //! run. Prints MB/s, the ratio, and the proxy's peak RSS and CPU seconds (from /usr/bin/time).
 //!
+//! The two proxies take turns (vtun, openssl, then openssl, vtun, ...) so that load from anything
+//! else on the machine falls on both alike; each pair also gives a ratio of its own.
+//!
 //! Run: `cargo bench --bench proxy_throughput` (VTUN_BENCH_MB sets the size, default 1024;
-//! VTUN_BENCH_RUNS the repetitions, default 3; VTUN_BENCH_DELAY_MS a one-way gateway delay).
+//! VTUN_BENCH_RUNS the repetitions, default 3; VTUN_BENCH_DELAY_MS a one-way gateway delay;
+//! VTUN_BENCH_DIRECTION=down sends the bytes the other way, `head -c N /dev/zero` on the VM into
+//! the client's /dev/null, through the proxy's stdout).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -27,7 +32,7 @@ struct Sample {
     cpu: f64,
 }
 
-fn one_run(bed: &TestBed, proxy: &str, mb: u64, tag: &str) -> Sample {
+fn one_run(bed: &TestBed, proxy: &str, mb: u64, down: bool, tag: &str) -> Sample {
     let stats = bed.root.join(format!("{tag}.time"));
     // ssh sends SIGHUP to its ProxyCommand on exit; ignoring it lets /usr/bin/time report.
     let proxy_cmd = format!(
@@ -44,11 +49,19 @@ fn one_run(bed: &TestBed, proxy: &str, mb: u64, tag: &str) -> Sample {
         .iter()
         .map(|o| format!("'{}'", o.replace('\'', r"'\''")))
         .collect();
-    let script = format!(
-        "head -c {} /dev/zero | ssh {} a.vm.test 'cat > /dev/null'",
-        mb << 20,
-        quoted.join(" ")
-    );
+    let script = if down {
+        format!(
+            "ssh {} a.vm.test 'head -c {} /dev/zero' > /dev/null",
+            quoted.join(" "),
+            mb << 20
+        )
+    } else {
+        format!(
+            "head -c {} /dev/zero | ssh {} a.vm.test 'cat > /dev/null'",
+            mb << 20,
+            quoted.join(" ")
+        )
+    };
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(&script);
     cmd.env("VTUN_CONNECT", bed.gateway_addr.to_string())
@@ -83,6 +96,7 @@ fn main() {
     let mb = env_num("VTUN_BENCH_MB", 1024);
     let runs = env_num("VTUN_BENCH_RUNS", 3) as usize;
     let delay = env_num("VTUN_BENCH_DELAY_MS", 0);
+    let down = std::env::var("VTUN_BENCH_DIRECTION").is_ok_and(|d| d == "down");
     let bed = TestBed::builder().vm("a").delay_ms(delay).start();
     let vtun = format!("{} proxy %h", vtun_bin().display());
     let openssl = format!(
@@ -90,30 +104,59 @@ fn main() {
         bed.gateway_addr,
         bed.ca_file.display()
     );
-    println!("proxy throughput: {mb} MiB of zeros through `ssh a.vm.test 'cat > /dev/null'`,");
+    if down {
+        println!("proxy throughput: {mb} MiB of zeros through `ssh a.vm.test 'head -c N /dev/zero' > /dev/null`,");
+    } else {
+        println!("proxy throughput: {mb} MiB of zeros through `ssh a.vm.test 'cat > /dev/null'`,");
+    }
     println!(
-        "real sshd behind vtun gateway on loopback, one-way delay {delay} ms, median of {runs}"
+        "real sshd behind vtun gateway on loopback, one-way delay {delay} ms, median of {runs}, taking turns"
     );
     println!("  vtun:    ProxyCommand={vtun}");
     println!("  openssl: ProxyCommand={openssl}");
     // Warm up both (host key pinning, page cache).
-    one_run(&bed, &vtun, 8, "warm-vtun");
-    one_run(&bed, &openssl, 8, "warm-openssl");
-    let mut results = Vec::new();
-    for (name, proxy) in [("vtun proxy", &vtun), ("openssl s_client", &openssl)] {
-        let mut secs = Vec::new();
-        let mut rss = 0;
-        let mut cpu = Vec::new();
-        for r in 0..runs {
-            // Interleave nothing else: each run is sequential on the same bed.
-            let s = one_run(&bed, proxy, mb, &format!("{}-{r}", name.replace(' ', "-")));
-            secs.push(s.secs);
-            cpu.push(s.cpu);
-            rss = rss.max(s.rss_kb);
+    one_run(&bed, &vtun, 8, down, "warm-vtun");
+    one_run(&bed, &openssl, 8, down, "warm-openssl");
+    let proxies = [("vtun proxy", &vtun), ("openssl s_client", &openssl)];
+    let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+    let mut pair_ratios = Vec::new();
+    println!();
+    for r in 0..runs {
+        // Alternate who goes first, so a slow drift in background load favours neither.
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, proxy) = proxies[i];
+            let s = one_run(
+                &bed,
+                proxy,
+                mb,
+                down,
+                &format!("{}-{r}", name.replace(' ', "-")),
+            );
+            samples[i].push(s);
         }
-        let t = median(secs);
-        results.push((name, mb as f64 / t, rss, median(cpu)));
+        let (v, o) = (&samples[0][r], &samples[1][r]);
+        pair_ratios.push(o.secs / v.secs);
+        println!(
+            "run {}: vtun {:.0} MB/s ({:.2} CPU s), openssl {:.0} MB/s ({:.2} CPU s): {:.2}x",
+            r + 1,
+            mb as f64 / v.secs,
+            v.cpu,
+            mb as f64 / o.secs,
+            o.cpu,
+            o.secs / v.secs
+        );
     }
+    let results: Vec<_> = proxies
+        .iter()
+        .zip(&samples)
+        .map(|((name, _), s)| {
+            let t = median(s.iter().map(|s| s.secs).collect());
+            let rss = s.iter().map(|s| s.rss_kb).max().unwrap_or(0);
+            let cpu = median(s.iter().map(|s| s.cpu).collect());
+            (name, mb as f64 / t, rss, cpu)
+        })
+        .collect();
     println!();
     println!("| ProxyCommand | MB/s | proxy peak RSS | proxy CPU s |");
     println!("|---|---:|---:|---:|");
@@ -125,7 +168,8 @@ fn main() {
     }
     println!();
     println!(
-        "ratio vtun/openssl throughput: {:.2}x",
-        results[0].1 / results[1].1
+        "ratio vtun/openssl throughput: {:.2}x (median of the per-run ratios: {:.2}x)",
+        results[0].1 / results[1].1,
+        median(pair_ratios)
     );
 }

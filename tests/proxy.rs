@@ -182,9 +182,10 @@ fn server_closing_first_ends_proxy_promptly_with_stdin_open() {
     assert_eq!(out, "bye\n");
 }
 
-#[test]
-fn stdin_eof_half_closes_and_the_reply_still_arrives() {
-    let port = backend(|mut s| {
+/// A backend that reads to EOF and only then replies with the byte count: a reply proves the
+/// proxy kept its read side open after half-closing.
+fn counting_backend() -> u16 {
+    backend(|mut s| {
         let mut n = 0usize;
         let mut buf = [0u8; 65536];
         loop {
@@ -193,10 +194,29 @@ fn stdin_eof_half_closes_and_the_reply_still_arrives() {
                 Ok(k) => n += k,
             }
         }
-        // Reply only after the client's EOF: proves the read side stayed open.
         std::thread::sleep(Duration::from_millis(200));
         s.write_all(format!("got {n}\n").as_bytes()).unwrap();
-    });
+    })
+}
+
+/// Wait for `child`, failing the test after `limit`.
+fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("proxy still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn stdin_eof_half_closes_and_the_reply_still_arrives() {
+    let port = counting_backend();
     let bed = TestBed::builder()
         .vm("a")
         .route(&format!("count.vm.test=127.0.0.1:{port}"))
@@ -211,6 +231,142 @@ fn stdin_eof_half_closes_and_the_reply_still_arrives() {
     );
     out.assert_ok();
     assert_eq!(out.stdout_str(), "got 1048576\n");
+}
+
+#[test]
+fn files_as_stdin_and_stdout_are_relayed_too() {
+    // Regular files cannot be polled: both directions take the blocking-thread path.
+    let port = counting_backend();
+    let bed = TestBed::builder()
+        .vm("a")
+        .route(&format!("count.vm.test=127.0.0.1:{port}"))
+        .start();
+    let dir = bed.dir("io");
+    std::fs::write(dir.join("in"), random_bytes(1 << 20, 5)).unwrap();
+    let mut child = bed
+        .vtun()
+        .args(["proxy", "count.vm.test"])
+        .stdin(std::fs::File::open(dir.join("in")).unwrap())
+        .stdout(std::fs::File::create(dir.join("out")).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_within(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(read(&dir.join("out")), "got 1048576\n");
+}
+
+#[test]
+fn reader_closing_stdout_ends_the_proxy_quietly() {
+    let port = backend(|mut s| {
+        let chunk = vec![b'x'; 64 * 1024];
+        while s.write_all(&chunk).is_ok() {}
+    });
+    let bed = TestBed::builder()
+        .vm("a")
+        .route(&format!("flood.vm.test=127.0.0.1:{port}"))
+        .start();
+    let mut child = bed
+        .vtun()
+        .args(["proxy", "flood.vm.test"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin_kept_open = child.stdin.take();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status:?}, stderr: {stderr}");
+    assert!(stderr.is_empty(), "a closed stdout is no error: {stderr}");
+}
+
+fn nonblocking(fd: &impl std::os::fd::AsRawFd) -> bool {
+    // SAFETY: F_GETFL on a descriptor this test owns; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0, "fcntl: {}", std::io::Error::last_os_error());
+    flags & libc::O_NONBLOCK != 0
+}
+
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two new descriptors, owned from here on by the OwnedFds.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// O_NONBLOCK belongs to the open file description, which the parent shares: the proxy may set
+/// it on pipes and sockets while it runs, and must put the old flags back before it exits.
+#[test]
+fn stdin_and_stdout_are_left_blocking_on_exit() {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    // Two cases: stdin a pipe and stdout a socket; one socket as both (one file description).
+    for same_socket in [false, true] {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let port = backend(move |mut s| {
+            let _ = released.recv();
+            s.write_all(b"bye\n").unwrap();
+        });
+        let bed = TestBed::builder()
+            .vm("a")
+            .route(&format!("bye.vm.test=127.0.0.1:{port}"))
+            .start();
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        // The `watch` copies share the proxy's file descriptions; `_writer` keeps the pipe open.
+        let (stdin, _writer) = if same_socket {
+            (OwnedFd::from(theirs.try_clone().unwrap()), None)
+        } else {
+            let (r, w) = pipe();
+            (r, Some(w))
+        };
+        let stdin_watch = stdin.try_clone().unwrap();
+        let stdout_watch = theirs.try_clone().unwrap();
+        assert!(!nonblocking(&stdin_watch) && !nonblocking(&stdout_watch));
+        let mut child = bed
+            .vtun()
+            .args(["proxy", "bye.vm.test"])
+            .stdin(stdin)
+            .stdout(OwnedFd::from(theirs))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // While it runs, the proxy serves both on its task (non-blocking)...
+        let start = Instant::now();
+        while !(nonblocking(&stdin_watch) && nonblocking(&stdout_watch)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "never non-blocking"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "proxy exited early");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        release.send(()).unwrap();
+        let status = wait_within(&mut child, Duration::from_secs(10));
+        assert!(status.success(), "same socket: {same_socket}: {status:?}");
+        // ...and leaves them as it found them.
+        assert!(!nonblocking(&stdin_watch), "same socket: {same_socket}");
+        assert!(!nonblocking(&stdout_watch), "same socket: {same_socket}");
+        let mut reply = [0u8; 4];
+        ours.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"bye\n");
+    }
 }
 
 #[test]
