@@ -8,7 +8,8 @@
 //! Run: `cargo bench --bench proxy_throughput` (VTUN_BENCH_MB sets the size, default 1024;
 //! VTUN_BENCH_RUNS the repetitions, default 3; VTUN_BENCH_DELAY_MS a one-way gateway delay;
 //! VTUN_BENCH_DIRECTION=down sends the bytes the other way, `head -c N /dev/zero` on the VM into
-//! the client's /dev/null, through the proxy's stdout).
+//! the client's /dev/null, through the proxy's stdout; VTUN_BENCH_OTHER=CMD compares with
+//! ProxyCommand=CMD instead of openssl, e.g. another build of vtun: `/path/to/vtun proxy %h`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -99,11 +100,19 @@ fn main() {
     let down = std::env::var("VTUN_BENCH_DIRECTION").is_ok_and(|d| d == "down");
     let bed = TestBed::builder().vm("a").delay_ms(delay).start();
     let vtun = format!("{} proxy %h", vtun_bin().display());
-    let openssl = format!(
-        "openssl s_client -connect {} -servername %h -quiet -CAfile {}",
-        bed.gateway_addr,
-        bed.ca_file.display()
-    );
+    // What vtun is compared with: openssl, or VTUN_BENCH_OTHER.
+    let (other, other_name, short) = match std::env::var("VTUN_BENCH_OTHER") {
+        Ok(cmd) => (cmd, "other", "other"),
+        Err(_) => (
+            format!(
+                "openssl s_client -connect {} -servername %h -quiet -CAfile {}",
+                bed.gateway_addr,
+                bed.ca_file.display()
+            ),
+            "openssl s_client",
+            "openssl",
+        ),
+    };
     if down {
         println!("proxy throughput: {mb} MiB of zeros through `ssh a.vm.test 'head -c N /dev/zero' > /dev/null`,");
     } else {
@@ -113,11 +122,11 @@ fn main() {
         "real sshd behind vtun gateway on loopback, one-way delay {delay} ms, median of {runs}, taking turns"
     );
     println!("  vtun:    ProxyCommand={vtun}");
-    println!("  openssl: ProxyCommand={openssl}");
+    println!("  {:8} ProxyCommand={other}", format!("{short}:"));
     // Warm up both (host key pinning, page cache).
     one_run(&bed, &vtun, 8, down, "warm-vtun");
-    one_run(&bed, &openssl, 8, down, "warm-openssl");
-    let proxies = [("vtun proxy", &vtun), ("openssl s_client", &openssl)];
+    one_run(&bed, &other, 8, down, "warm-other");
+    let proxies = [("vtun proxy", &vtun), (other_name, &other)];
     let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
     let mut pair_ratios = Vec::new();
     println!();
@@ -138,10 +147,11 @@ fn main() {
         let (v, o) = (&samples[0][r], &samples[1][r]);
         pair_ratios.push(o.secs / v.secs);
         println!(
-            "run {}: vtun {:.0} MB/s ({:.2} CPU s), openssl {:.0} MB/s ({:.2} CPU s): {:.2}x",
+            "run {}: vtun {:.0} MB/s ({:.2} CPU s), {} {:.0} MB/s ({:.2} CPU s): {:.2}x",
             r + 1,
             mb as f64 / v.secs,
             v.cpu,
+            short,
             mb as f64 / o.secs,
             o.cpu,
             o.secs / v.secs
@@ -168,7 +178,7 @@ fn main() {
     }
     println!();
     println!(
-        "ratio vtun/openssl throughput: {:.2}x (median of the per-run ratios: {:.2}x)",
+        "ratio vtun/{short} throughput: {:.2}x (median of the per-run ratios: {:.2}x)",
         results[0].1 / results[1].1,
         median(pair_ratios)
     );

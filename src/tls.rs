@@ -83,8 +83,21 @@ impl Dialer {
     }
 
     /// TCP connect (to `--connect` if set) and TLS handshake with SNI = `name`.
-    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn dial(&self, name: &str, port: u16) -> Result<TlsStream<TcpStream>, DialError> {
+        self.dial_over(name, port, |tcp| tcp).await
+    }
+
+    /// [`Dialer::dial`], with TLS running over `wrap(tcp)` (the proxy puts a read buffer there).
+    #[tracing::instrument(level = "debug", skip(self, wrap))]
+    pub async fn dial_over<IO>(
+        &self,
+        name: &str,
+        port: u16,
+        wrap: impl FnOnce(TcpStream) -> IO,
+    ) -> Result<TlsStream<IO>, DialError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         if self.insecure {
             eprintln!("vtun: warning: --insecure: the certificate of {name} is NOT verified");
         }
@@ -106,10 +119,13 @@ impl Dialer {
         let timeout = self.timeout;
         let work = async {
             let tcp = connect_tcp(&addr).await.map_err(|(kind, m)| err(kind, m))?;
-            self.connector.connect(server_name, tcp).await.map_err(|e| {
-                let (kind, m) = classify_tls_error(&e);
-                err(kind, m)
-            })
+            self.connector
+                .connect(server_name, wrap(tcp))
+                .await
+                .map_err(|e| {
+                    let (kind, m) = classify_tls_error(&e);
+                    err(kind, m)
+                })
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,

