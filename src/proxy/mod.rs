@@ -42,8 +42,6 @@ pub fn run(settings: &Settings, host_arg: &str) -> Result<u8> {
 /// proxy's CPU time; 128 KiB saved less.
 const TCP_READ_BUF: usize = 64 * 1024;
 
-type Tls = RefCell<TlsStream<BufReader<TcpStream>>>;
-
 async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
     let tls = dialer
         .dial_over(name, port, |tcp| {
@@ -74,7 +72,10 @@ async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
 }
 
 /// TLS → stdout until the server ends the stream or stdout goes away (the ssh client exited).
-async fn downstream(tls: &Tls, stdout: &mut Stdout) -> io::Result<()> {
+async fn downstream(
+    tls: &RefCell<TlsStream<BufReader<TcpStream>>>,
+    stdout: &mut Stdout,
+) -> io::Result<()> {
     loop {
         let more = match stdout {
             Stdout::Direct(out) => {
@@ -121,7 +122,7 @@ async fn downstream(tls: &Tls, stdout: &mut Stdout) -> io::Result<()> {
 
 /// stdin → TLS; at stdin EOF, half-close and keep the read side open for the rest of the
 /// reply. Never returns: the relay ends when the server ends the stream.
-async fn upstream(tls: &Tls, stdin: &mut Stdin) -> Infallible {
+async fn upstream(tls: &RefCell<TlsStream<BufReader<TcpStream>>>, stdin: &mut Stdin) -> Infallible {
     let mut buf = vec![0u8; stdio::READ_BUF];
     loop {
         let n = match stdin.read(&mut buf).await {
@@ -146,7 +147,7 @@ async fn upstream(tls: &Tls, stdin: &mut Stdin) -> Infallible {
 
 /// Encrypt and write all of `data`, then flush: nothing may wait in rustls for more input,
 /// since more input may be a keystroke away.
-async fn send(tls: &Tls, mut data: &[u8]) -> io::Result<()> {
+async fn send(tls: &RefCell<TlsStream<BufReader<TcpStream>>>, mut data: &[u8]) -> io::Result<()> {
     poll_fn(|cx| {
         let mut tls = tls.borrow_mut();
         let mut tls = Pin::new(&mut *tls);

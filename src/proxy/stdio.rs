@@ -154,8 +154,10 @@ impl NonBlocking {
                 .try_io(|_| cvt(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }))
             {
                 Ok(Ok(n)) => {
-                    // A short read emptied the pipe: wait for the next epoll edge instead of
-                    // making a read that can only say EAGAIN (as tokio's TcpStream does).
+                    // A short read emptied the pipe: wait for epoll to report more (edge-
+                    // triggered, so nothing is missed), as tokio's TcpStream does. Reading again
+                    // at once instead often finds data (ssh writes the next chunk while this one
+                    // is encrypted) and saves syscalls, but measured no faster on uploads.
                     if n > 0 && n < buf.len() {
                         guard.clear_ready();
                     }
@@ -178,7 +180,8 @@ impl NonBlocking {
                 .try_io(|_| cvt(unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) }))
             {
                 Ok(Ok(n)) => {
-                    // A short write filled the pipe: likewise.
+                    // A short write filled the pipe: wait for the epoll edge that says ssh made
+                    // room, rather than making a write that can only say EAGAIN.
                     if n < data.len() {
                         guard.clear_ready();
                         if std::mem::take(&mut self.grow_when_full) {
