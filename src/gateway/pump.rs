@@ -86,6 +86,10 @@ where
                 .counter(upstream)
                 .fetch_add(n as u64, Ordering::Relaxed);
             w.write_all(&buf[..n]).await?;
+            // A TLS writer accepts bytes it could not send yet (the socket was full) and keeps
+            // them until the next write or flush; with nothing more to read that may be never,
+            // and the peer waits for bytes already relayed. Push them out now.
+            w.flush().await?;
             total += n as u64;
         }
     } else {
@@ -140,6 +144,7 @@ where
                 }
             }
             w.write_all(&batch).await?;
+            w.flush().await?;
             total += batch.len() as u64;
         }
         reader
