@@ -142,6 +142,17 @@ fn backend(serve: impl FnOnce(std::net::TcpStream) + Send + 'static) -> u16 {
     port
 }
 
+/// `vtun proxy HOST` with stdin, stdout and stderr all pipes held by the test.
+fn spawn_piped(bed: &TestBed, host: &str) -> std::process::Child {
+    bed.vtun()
+        .args(["proxy", host])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn server_closing_first_ends_proxy_promptly_with_stdin_open() {
     let port = backend(|mut s| {
@@ -152,14 +163,7 @@ fn server_closing_first_ends_proxy_promptly_with_stdin_open() {
         .route(&format!("bye.vm.test=127.0.0.1:{port}"))
         .start();
     let start = Instant::now();
-    let mut child = bed
-        .vtun()
-        .args(["proxy", "bye.vm.test"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&bed, "bye.vm.test");
     let _stdin_kept_open = child.stdin.take();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -267,14 +271,7 @@ fn a_full_stdout_pipe_grows_and_a_reader_closing_it_ends_the_proxy_quietly() {
         .vm("a")
         .route(&format!("flood.vm.test=127.0.0.1:{port}"))
         .start();
-    let mut child = bed
-        .vtun()
-        .args(["proxy", "flood.vm.test"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&bed, "flood.vm.test");
     let _stdin_kept_open = child.stdin.take();
     let mut stdout = child.stdout.take().unwrap();
     // A bulk download fills the pipe, and the proxy grows it (fewer wake-ups on both ends).
