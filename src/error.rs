@@ -41,8 +41,9 @@ pub fn exit_code(outcome: anyhow::Result<u8>) -> ExitCode {
                     Failure::Connection(_) => {}
                 }
             }
-            if is_broken_pipe(&err) {
-                // The reader went away (`vtun exec … | head`): not our failure.
+            if is_broken_pipe(&err) && reader_gone(libc::STDOUT_FILENO) {
+                // The reader of our stdout went away (`vtun exec … | head`): not our failure.
+                // A broken pipe anywhere else (the socket to the edge) is a lost connection.
                 return ExitCode::SUCCESS;
             }
             eprintln!("vtun: {err:#}");
@@ -71,7 +72,9 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             if matches!(
                 io.kind(),
-                std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
             ) {
                 return EXIT_CONNECT;
             }
@@ -85,4 +88,47 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// Whether `fd` is a pipe or socket whose reading end is closed: poll reports an error or hang-up
+/// on it. A terminal, a file or /dev/null never is.
+fn reader_gone(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout; poll only reads fd and writes revents.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn broken_pipe() -> anyhow::Error {
+        anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("connection to the agent failed")
+    }
+
+    #[test]
+    fn a_pipe_without_reader_is_gone_and_one_with_a_reader_is_not() {
+        let (r, w) = std::io::pipe().unwrap();
+        assert!(!reader_gone(w.as_raw_fd()));
+        drop(r);
+        assert!(reader_gone(w.as_raw_fd()));
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        assert!(!reader_gone(null.as_raw_fd()));
+    }
+
+    #[test]
+    fn a_broken_pipe_that_is_not_stdout_is_a_lost_connection() {
+        assert_eq!(code_for(&broken_pipe()), EXIT_CONNECT);
+    }
 }

@@ -88,6 +88,36 @@ fn stdin_at_dev_null_is_eof_at_once() {
 }
 
 #[test]
+fn a_reader_that_goes_away_ends_exec_quietly() {
+    // `vtun exec vm yes | head -1`: the pipe closing is the reader's choice, not a failure.
+    let bed = TestBed::builder().vm("a").start();
+    let mut cmd = bed.vtun();
+    cmd.args(["exec", "a", "--", "yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("read");
+    assert_eq!(&first, b"y\n");
+    drop(child.stdout.take());
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vtun kept running after its reader left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err).expect("read");
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert_eq!(err, "", "nothing to report");
+}
+
+#[test]
 fn sixty_four_mib_through_cat_is_byte_identical() {
     let bed = TestBed::builder().vm("a").start();
     let data = random_bytes(64 << 20, 3);

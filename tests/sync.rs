@@ -206,7 +206,14 @@ fn cut_mid_sync_leaves_no_truncated_file_and_rerun_completes() {
     }
     bed.fault("a").arm(Fault::CutAfter(10 << 20));
     let out = sync(&bed, &[&slash(&src), &format!("a-fault:{}", slash(&dst))]);
-    assert_ne!(out.code(), 0, "a cut sync fails");
+    assert!(bed.fault("a").fired(), "the cut fired");
+    // Exit 255 with the connection named, whichever write or read noticed the cut first.
+    assert_eq!(out.code(), 255, "a cut sync fails: {}", out.stderr);
+    assert!(
+        out.stderr.contains("connection to a-fault.vm.test lost"),
+        "{}",
+        out.stderr
+    );
     for i in 0..6 {
         let now = std::fs::read(dst.join(format!("f{i}"))).unwrap();
         let old = format!("old {i}\n").into_bytes();

@@ -200,7 +200,10 @@ impl AsyncWrite for ChannelIo {
     }
 }
 
-/// Fail a write on a closed channel instead of waiting for window space forever.
+/// Fail a write on a closed channel instead of waiting for window space forever. russh's writer
+/// fails only when the channel or the session is gone, with a bare "channel closed" (a
+/// BrokenPipe, which must not pass for our stdout closing): that is reported as the lost
+/// connection it is.
 fn guard<T>(
     closed: &Closed,
     cx: &mut Context<'_>,
@@ -212,6 +215,10 @@ fn guard<T>(
     closed.waker.register(cx.waker());
     match op(cx) {
         Poll::Pending if closed.is_set() => Poll::Ready(Err(closed.lost())),
+        Poll::Ready(Err(e)) => {
+            tracing::debug!("channel write failed: {e}");
+            Poll::Ready(Err(closed.lost()))
+        }
         other => other,
     }
 }
