@@ -119,13 +119,21 @@ impl Dialer {
         let timeout = self.timeout;
         let work = async {
             let tcp = connect_tcp(&addr).await.map_err(|(kind, m)| err(kind, m))?;
-            self.connector
+            let tls = self
+                .connector
                 .connect(server_name, wrap(tcp))
                 .await
                 .map_err(|e| {
                     let (kind, m) = classify_tls_error(&e);
                     err(kind, m)
-                })
+                })?;
+            let (_, conn) = tls.get_ref();
+            tracing::debug!(
+                version = ?conn.protocol_version(),
+                suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+                "TLS established"
+            );
+            Ok(tls)
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
@@ -222,9 +230,27 @@ fn describe_cert_error(c: &rustls::CertificateError) -> String {
     }
 }
 
+/// ring's suites with AES-128-GCM offered first, as browsers do. Everything the edge relays is
+/// already SSH-encrypted; with hardware AES, 10 rounds instead of 14 take about a fifth off the
+/// TLS encryption, on our side and on the edge's. Servers that pick by the client's order (rustls,
+/// and so `vtun gateway`) use it; others choose as before. Nothing is dropped from the list.
+pub fn client_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite as S;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            S::TLS13_AES_128_GCM_SHA256
+                | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    provider
+}
+
 /// Build the client config: webpki roots + extra CA files, or no verification at all.
 pub fn client_config(ca_files: &[PathBuf], insecure: bool) -> anyhow::Result<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(client_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let config = if insecure {
@@ -306,5 +332,29 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first_and_nothing_is_dropped() {
+        let ours: Vec<_> = client_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut all: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        all.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted, all);
     }
 }
