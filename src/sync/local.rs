@@ -130,14 +130,16 @@ fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()>
     put(start(false, m.len()))?;
     let mut h = blake3::Hasher::new();
     loop {
-        let mut buf = vec![0u8; CHUNK];
-        let n = f
-            .read(&mut buf)
+        // Read into fresh capacity, not a zeroed buffer: zeroing each chunk cost the sender
+        // about a tenth of its CPU time.
+        let mut buf = Vec::with_capacity(CHUNK);
+        let n = (&mut f)
+            .take(CHUNK as u64)
+            .read_to_end(&mut buf)
             .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
-        buf.truncate(n);
         h.update(&buf);
         put(Piece::Data(buf))?;
     }
