@@ -29,17 +29,17 @@ impl Reader {
             Reader::Local(f) => {
                 let f = f.clone();
                 let job = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    let mut got = 0;
-                    while got < buf.len() {
-                        match f.read_at(&mut buf[got..], offset + got as u64) {
+                    // Read into fresh capacity: zeroing a buffer first costs as much as a copy.
+                    let mut buf = Vec::with_capacity(len as usize);
+                    while buf.len() < len as usize {
+                        let at = offset + buf.len() as u64;
+                        match pread_append(&f, &mut buf, at) {
                             Ok(0) => break,
-                            Ok(n) => got += n,
+                            Ok(_) => {}
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                             Err(e) => return Err(anyhow!("read: {}", io_text(&e))),
                         }
                     }
-                    buf.truncate(got);
                     Ok(Bytes::from(buf))
                 });
                 Ok(async move { job.await? }.boxed())
@@ -77,6 +77,28 @@ impl Reader {
             Reader::Remote(c, h) => c.close(&h).await,
         }
     }
+}
+
+/// pread() into the spare capacity of `buf` at `offset`, growing its length by what was read.
+fn pread_append(f: &std::fs::File, buf: &mut Vec<u8>, offset: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most spare.len() bytes into memory we own exclusively; only
+    // the bytes it reports written are then counted as initialized.
+    let n = unsafe {
+        libc::pread(
+            f.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            offset as libc::off_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: n <= spare.len() bytes past the old length were just initialized by pread.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
 }
 
 /// An open destination file.
