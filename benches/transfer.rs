@@ -2,7 +2,8 @@
 //! `openssl s_client` ProxyCommand — on the test bed, in the same run: one large file and a tree
 //! of many files; upload, download and VM→VM; at 0 ms and at 20 ms RTT (gateway delay 10 ms each
 //! way). Prints MB/s, the ratio to scp, and the client's CPU seconds (all its processes).
-//! The ceiling is raw bytes/s through `vtun proxy` into `cat > /dev/null`.
+//! The ceiling is raw bytes/s through `vtun proxy` into `cat > /dev/null`. Each cell starts after
+//! `sync`, so none pays for the previous one's writeback.
 //!
 //! Run: `cargo bench --bench transfer`. Knobs: VTUN_BENCH_MB (default 1024), VTUN_BENCH_FILES
 //! (default 2000), VTUN_BENCH_DELAYS (one-way ms, default "0,10"), VTUN_BENCH_TOOLS (default
@@ -42,6 +43,7 @@ fn timed(bed: &TestBed, mut cmd: Command, what: &str) -> (f64, f64) {
         wrapped.current_dir(d);
     }
     cmd = wrapped;
+    settle();
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -629,6 +629,13 @@ pub fn run(cmd: &mut Command) -> Out {
     run_with_timeout(cmd, Duration::from_secs(120))
 }
 
+/// Write all dirty data back to disk (`sync`) before a timed benchmark cell, so no cell pays for
+/// the previous one's writeback.
+#[allow(dead_code)]
+pub fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 /// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
