@@ -29,18 +29,9 @@ impl Reader {
             Reader::Local(f) => {
                 let f = f.clone();
                 let job = tokio::task::spawn_blocking(move || {
-                    // Read into fresh capacity: zeroing a buffer first costs as much as a copy.
-                    let mut buf = Vec::with_capacity(len as usize);
-                    while buf.len() < len as usize {
-                        let at = offset + buf.len() as u64;
-                        match pread_append(&f, &mut buf, at) {
-                            Ok(0) => break,
-                            Ok(_) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(anyhow!("read: {}", io_text(&e))),
-                        }
-                    }
-                    Ok(Bytes::from(buf))
+                    read_chunk_at(&f, offset, len as usize)
+                        .map(Bytes::from)
+                        .map_err(|e| anyhow!("read: {}", io_text(&e)))
                 });
                 Ok(async move { job.await? }.boxed())
             }
@@ -77,6 +68,24 @@ impl Reader {
             Reader::Remote(c, h) => c.close(&h).await,
         }
     }
+}
+
+/// Up to `len` bytes of `f` at `offset`, fewer only at end of file. Read straight into fresh
+/// capacity with pread(), one call for a whole chunk of a regular file: zeroing a buffer first
+/// costs about what the copy does, and `Read::read_to_end` would split the chunk into reads of
+/// 8, 16, 32... KiB.
+pub fn read_chunk_at(f: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match pread_append(f, &mut buf, at) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
 }
 
 /// pread() into the spare capacity of `buf` at `offset`, growing its length by what was read.
