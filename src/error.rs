@@ -103,6 +103,7 @@ fn reader_gone(fd: std::os::fd::RawFd) -> bool {
     n == 1 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
+// Tests only: unwrap on a local pipe and /dev/null, where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -554,7 +554,8 @@ mod tests {
         assert_eq!(Msg::decode(tag, &body).unwrap(), m);
     }
 
-    /// Frames as written by write_msg, whose data path skips encode(), and read back.
+    /// Frames as written by write_msg, whose data path skips encode(), and read back. The
+    /// unwraps are on an in-memory buffer the test itself wrote: failing is the test failing.
     #[tokio::test]
     async fn frames_match_encode_and_read_back() {
         let msgs = [
