@@ -426,7 +426,7 @@ impl Fs {
                     .truncate(create && !keep)
                     .mode(0o600);
                 let f = o.open(path).map_err(|e| io_err(e, &self.show(named)))?;
-                Ok(Writer::Local(Arc::new(f)))
+                Ok(Writer::Local(Arc::new(super::handle::LocalFile::new(f))))
             }
             Fs::Remote(r) => {
                 let c = r.client(slot).await?;

@@ -112,8 +112,27 @@ fn pread_append(f: &std::fs::File, buf: &mut Vec<u8>, offset: u64) -> std::io::R
 
 /// An open destination file.
 pub enum Writer {
-    Local(Arc<std::fs::File>),
+    Local(Arc<LocalFile>),
     Remote(Sftp, Handle),
+}
+
+/// A local destination and the gate that lets one write into it at a time.
+///
+/// Buffered writes to one file serialize on its inode lock anyway; a dozen blocking-pool
+/// threads queued on that lock spin and switch for nothing (on a download with 8 ranges this
+/// was ~3 % of the client's CPU). Waiting here instead costs nothing.
+pub struct LocalFile {
+    file: std::fs::File,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl LocalFile {
+    pub fn new(file: std::fs::File) -> LocalFile {
+        LocalFile {
+            file,
+            gate: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
 }
 
 impl Writer {
@@ -122,11 +141,16 @@ impl Writer {
         match self {
             Writer::Local(f) => {
                 let f = f.clone();
-                let job = tokio::task::spawn_blocking(move || {
-                    f.write_all_at(&data, offset)
-                        .map_err(|e| anyhow!("write: {}", io_text(&e)))
-                });
-                Ok(async move { job.await? }.boxed())
+                Ok(async move {
+                    let _turn = f.gate.clone().acquire_owned().await?;
+                    tokio::task::spawn_blocking(move || {
+                        f.file
+                            .write_all_at(&data, offset)
+                            .map_err(|e| anyhow!("write: {}", io_text(&e)))
+                    })
+                    .await?
+                }
+                .boxed())
             }
             Writer::Remote(c, h) => {
                 let p = c.write_start(h, offset, data)?;
@@ -144,6 +168,7 @@ impl Writer {
     pub async fn finish(self, mode: Option<u32>, times: Option<(i64, i64)>) -> Result<()> {
         match self {
             Writer::Local(f) => tokio::task::spawn_blocking(move || {
+                let f = &f.file;
                 if let Some(m) = mode {
                     f.set_permissions(std::fs::Permissions::from_mode(m))?;
                 }
