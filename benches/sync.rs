@@ -3,18 +3,20 @@
 //! re-sync after 1 file in 100 changed, and 8 bytes changed in the middle of one large file.
 //! Reports wall time and bytes on the wire (SSH stream bytes counted by the gateway), with ratios
 //! to `rsync -a`; first syncs are the mean of two runs in opposite orders. Each cell starts after
-//! `sync`, so none pays for the previous one's writeback.
+//! `sync`, so none pays for the previous one's writeback. The VM side writes to a fresh ext4 file
+//! system of its own per bed (a loop device, when run as root), as a VM's disk would be.
 //!
 //! Run: `cargo bench --bench sync`. Knobs: VTUN_BENCH_MB (tree size, default 1024),
 //! VTUN_BENCH_FILES (default 10000), VTUN_BENCH_BIG_MB (the single large file, default 1024),
-//! VTUN_BENCH_DELAYS (one-way ms, default "0,10").
+//! VTUN_BENCH_DELAYS (one-way ms, default "0,10"), VTUN_BENCH_VM_DISK ("fresh", the default, or
+//! "shared": the VM side writes into the bed's directory on the machine's file system).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::io::{Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -39,6 +41,76 @@ fn measure(bed: &TestBed, mut cmd: Command, what: &str) -> (f64, u64) {
     // Progress while the run goes on; the table comes at the end.
     eprintln!("  {what}: {secs:.2} s, {} wire bytes", up + down);
     (secs, up + down)
+}
+
+/// The VM's side of the bed on a file system of its own, as a VM has: a fresh ext4 image on a
+/// loop device (direct I/O, so its blocks are not cached twice). On the machine's shared file
+/// system a first sync's speed depended on what had been deleted there in the minutes before
+/// (ext4 passes over recently freed inodes while their table blocks are dirty), which moved
+/// vtun's first sync between 4.1 s and 9.6 s while rsync's stayed within 13.4–16.2 s. Needs
+/// root, mkfs.ext4 and losetup; otherwise (or with VTUN_BENCH_VM_DISK=shared) the bed's
+/// directory is used and the header says so.
+struct VmDisk {
+    root: PathBuf,
+    device: Option<String>,
+}
+
+impl VmDisk {
+    fn new(bed: &TestBed, gib: u64) -> VmDisk {
+        let root = bed.dir("vm-disk");
+        let device = if env_or("VTUN_BENCH_VM_DISK", "fresh") == "shared" {
+            None
+        } else {
+            Self::mount(&bed.dir("vm-disk-image").join("disk.img"), &root, gib)
+        };
+        match &device {
+            Some(dev) => println!("VM side: fresh ext4 on {dev} ({gib} GiB, direct I/O)"),
+            None => println!("VM side: the bed's directory on the machine's file system"),
+        }
+        VmDisk { root, device }
+    }
+
+    fn mount(image: &Path, at: &Path, gib: u64) -> Option<String> {
+        let ok = |cmd: &mut Command| {
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        std::fs::File::create(image).ok()?.set_len(gib << 30).ok()?;
+        if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image)) {
+            return None;
+        }
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(image)
+            .output()
+            .ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || dev.is_empty() {
+            return None;
+        }
+        if !ok(Command::new("mount").arg(&dev).arg(at)) {
+            ok(Command::new("losetup").arg("-d").arg(&dev));
+            return None;
+        }
+        Some(dev)
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let d = self.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
+
+impl Drop for VmDisk {
+    fn drop(&mut self) {
+        if let Some(dev) = &self.device {
+            let _ = Command::new("umount").arg(&self.root).status();
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        }
+    }
 }
 
 fn make_tree(root: &Path, mb: usize, files: usize) {
@@ -89,6 +161,9 @@ fn main() {
     let mut done_beds = Vec::new();
     for &delay in &delays {
         let bed = TestBed::builder().vm("a").delay_ms(delay).start();
+        // Two first syncs per tool of the tree, one staged copy per tool of the big file and
+        // its temporary while it syncs, and room to spare.
+        let disk = VmDisk::new(&bed, ((mb * 6 + big_mb * 4) as u64 >> 10) + 4);
         let rtt = delay * 2;
         let work = bed.dir("bench");
         let tree = work.join("tree");
@@ -114,7 +189,7 @@ fn main() {
         };
         let tools = ["vtun sync", "rsync -a", "rsync -az"];
         let dest =
-            |tool: &str, what: &str| bed.dir(&format!("dst-{}-{what}", tool.replace(' ', "")));
+            |tool: &str, what: &str| disk.dir(&format!("dst-{}-{what}", tool.replace(' ', "")));
         let cmd_for = |tool: &str, src: &Path, dst: &Path| {
             let mut c;
             if tool == "vtun sync" {
@@ -215,7 +290,8 @@ fn main() {
                 b,
             ));
         }
-        done_beds.push(bed);
+        // The disk is unmounted before its bed's directory goes.
+        done_beds.push((disk, bed));
     }
     drop(done_beds);
 
