@@ -272,7 +272,15 @@ impl Engine {
         labels: &(String, String),
         on_bytes: &(dyn Fn(u64) + Sync),
     ) -> Result<()> {
-        copy_range(reader, writer, span, chunk, &self.budget, on_bytes, labels).await
+        let t = std::time::Instant::now();
+        let r = copy_range(reader, writer, span, chunk, &self.budget, on_bytes, labels).await;
+        tracing::debug!(
+            from = span.0,
+            to = span.1,
+            secs = t.elapsed().as_secs_f64(),
+            "range done"
+        );
+        r
     }
 
     /// Turn a bare remote "failure" during a write into "no space left" when the far side
