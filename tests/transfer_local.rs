@@ -890,3 +890,22 @@ async fn many_sources_are_copied_concurrently_into_a_directory() {
         );
     }
 }
+
+/// OpenSSH's sftp-server announces `limits@openssh.com`; the request goes out during the
+/// handshake and its answer sets the request size (256 KiB at most), not the 32 KiB fallback.
+#[tokio::test]
+async fn the_servers_announced_limits_set_the_request_size() {
+    let host = Host::parse("vm", "vm.test").unwrap();
+    let opener = LocalConnector.connect(&host).await.unwrap();
+    let sftp = vtun::transfer::Sftp::connect(opener.sftp().await.unwrap())
+        .await
+        .unwrap();
+    assert!(sftp.has("limits@openssh.com"));
+    let (read, write) = sftp.limits().await.unwrap();
+    assert!(
+        (128 * 1024..=256 * 1024).contains(&read) && (128 * 1024..=256 * 1024).contains(&write),
+        "limits {read}/{write}"
+    );
+    // Asked again, the same answer without another request.
+    assert_eq!(sftp.limits().await.unwrap(), (read, write));
+}

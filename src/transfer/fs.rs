@@ -192,8 +192,8 @@ impl Fs {
         match self {
             Fs::Local => Ok(256 * 1024),
             Fs::Remote(r) => {
-                let c = r.client(0).await?;
-                Ok(c.max_read().min(c.max_write()))
+                let (read, write) = r.client(0).await?.limits().await?;
+                Ok(read.min(write))
             }
         }
     }

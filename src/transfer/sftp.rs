@@ -94,8 +94,11 @@ struct Inner {
     pending: Mutex<Pending>,
     next_id: AtomicU32,
     extensions: HashSet<String>,
-    max_read: AtomicU32,
-    max_write: AtomicU32,
+    /// `(max read, max write)`, settled by the first [`Sftp::limits`] call.
+    limits: tokio::sync::OnceCell<(u32, u32)>,
+    /// The `limits@openssh.com` request, sent during the handshake and awaited only when a
+    /// transfer needs its answer, so it shares a round trip with the first stat or open.
+    limits_reply: Mutex<Option<PendingReply>>,
 }
 
 /// A pipelined SFTP session; cheap to clone, usable from many tasks at once.
@@ -218,32 +221,18 @@ impl Sftp {
             }),
             next_id: AtomicU32::new(1),
             extensions,
-            max_read: AtomicU32::new(DEFAULT_CHUNK),
-            max_write: AtomicU32::new(DEFAULT_CHUNK),
+            limits: tokio::sync::OnceCell::new(),
+            limits_reply: Mutex::new(None),
         });
         tokio::spawn(writer(wr, rx, Arc::downgrade(&inner)));
         tokio::spawn(reader(rd, Arc::downgrade(&inner)));
         let sftp = Sftp { inner };
         if sftp.has("limits@openssh.com") {
-            let (kind, mut p) = sftp
-                .send(proto::EXTENDED, |b| put_str(b, b"limits@openssh.com"), None)?
-                .get()
-                .await?;
-            expect(kind, proto::EXTENDED_REPLY, &mut p)?;
-            let _max_packet = p.u64()?;
-            let clamp = |v: u64| {
-                if v == 0 {
-                    DEFAULT_CHUNK
-                } else {
-                    v.min(MAX_CHUNK as u64) as u32
-                }
-            };
-            sftp.inner
-                .max_read
-                .store(clamp(p.u64()?), Ordering::Relaxed);
-            sftp.inner
-                .max_write
-                .store(clamp(p.u64()?), Ordering::Relaxed);
+            let pending =
+                sftp.send(proto::EXTENDED, |b| put_str(b, b"limits@openssh.com"), None)?;
+            if let Ok(mut slot) = sftp.inner.limits_reply.lock() {
+                *slot = Some(pending);
+            }
         }
         Ok(sftp)
     }
@@ -258,14 +247,37 @@ impl Sftp {
         self.inner.extensions.contains(name)
     }
 
-    /// Largest READ this server answers in full.
-    pub fn max_read(&self) -> u32 {
-        self.inner.max_read.load(Ordering::Relaxed)
-    }
-
-    /// Largest WRITE this server accepts.
-    pub fn max_write(&self) -> u32 {
-        self.inner.max_write.load(Ordering::Relaxed)
+    /// `(largest READ answered in full, largest WRITE accepted)`: what `limits@openssh.com`
+    /// announced (at most 256 KiB), else 32 KiB. The first call waits for the reply.
+    pub async fn limits(&self) -> Result<(u32, u32)> {
+        let limits = self
+            .inner
+            .limits
+            .get_or_try_init(|| async {
+                let pending = self
+                    .inner
+                    .limits_reply
+                    .lock()
+                    .map_err(|_| SftpError::Closed("poisoned".into()))?
+                    .take();
+                let Some(pending) = pending else {
+                    return Ok::<_, anyhow::Error>((DEFAULT_CHUNK, DEFAULT_CHUNK));
+                };
+                let (kind, mut p) = pending.get().await?;
+                expect(kind, proto::EXTENDED_REPLY, &mut p)?;
+                let _max_packet = p.u64()?;
+                let clamp = |v: u64| {
+                    if v == 0 {
+                        DEFAULT_CHUNK
+                    } else {
+                        v.min(MAX_CHUNK as u64) as u32
+                    }
+                };
+                let read = clamp(p.u64()?);
+                Ok((read, clamp(p.u64()?)))
+            })
+            .await?;
+        Ok(*limits)
     }
 
     /// Put a request on the wire now; `payload` is appended without copying (WRITE data).
@@ -677,7 +689,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 16);
         tokio::spawn(reversing_server(server, 20, Vec::new()));
         let sftp = Sftp::connect(Box::new(client)).await.unwrap();
-        assert_eq!(sftp.max_read(), DEFAULT_CHUNK);
+        assert_eq!(sftp.limits().await.unwrap(), (DEFAULT_CHUNK, DEFAULT_CHUNK));
         let h = Bytes::from_static(b"h");
         let pending: Vec<_> = (0..20)
             .map(|i| sftp.read_start(&h, i * 10, 10).unwrap())
