@@ -136,7 +136,9 @@ impl LocalFile {
 }
 
 impl Writer {
-    /// Start writing `data` at `offset` now; the future completes when it is written.
+    /// Write `data` at `offset`; the future completes when it is written. A remote write is on
+    /// the wire when this returns; a local one starts when polled, after the file's earlier
+    /// writes.
     pub fn write_at(&self, offset: u64, data: Bytes) -> Result<BoxFuture<'static, Result<()>>> {
         match self {
             Writer::Local(f) => {

@@ -689,6 +689,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 16);
         tokio::spawn(reversing_server(server, 20, Vec::new()));
         let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        // The in-test server never announces limits: the fallback, and no error to unwrap.
         assert_eq!(sftp.limits().await.unwrap(), (DEFAULT_CHUNK, DEFAULT_CHUNK));
         let h = Bytes::from_static(b"h");
         let pending: Vec<_> = (0..20)
