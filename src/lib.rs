@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod error;
 pub mod exec;
+pub mod fs;
 pub mod gateway;
 pub mod progress;
 pub mod proxy;

@@ -263,3 +263,36 @@ fn agent_upload_agent_on_path_and_no_agent_give_identical_results() {
         assert_eq!(again.stdout_str(), "", "re-run {args:?} changes nothing");
     }
 }
+
+/// `touch -d 2300-01-01 f` once arrived as 1901-12-13: one i64 count of nanoseconds overflows.
+#[test]
+fn mtimes_past_2262_round_trip() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    let f = src.join("future");
+    std::fs::write(&f, "from the future\n").unwrap();
+    // 2300-01-01T00:00:00Z plus a few nanoseconds, which must survive too.
+    let when = std::time::UNIX_EPOCH + Duration::new(10_413_792_000, 123_456_789);
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    let on_a = bed.dir("on-a");
+    let back = bed.dir("back");
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(&on_a))]).assert_ok();
+    sync(&bed, &[&format!("a:{}", slash(&on_a)), &slash(&back)]).assert_ok();
+    for p in [on_a.join("future"), back.join("future")] {
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            (10_413_792_000, 123_456_789),
+            "{}",
+            p.display()
+        );
+    }
+    let again = sync(&bed, &["-i", &slash(&src), &format!("a:{}", slash(&on_a))]);
+    again.assert_ok();
+    assert_eq!(again.stdout_str(), "", "a re-run changes nothing");
+}

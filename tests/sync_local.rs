@@ -508,7 +508,7 @@ fn crafted_listing_with_dotdot_is_refused() {
                 path: RelPath::parse("ab").unwrap(),
                 kind: Kind::File { size: 1 },
                 mode: 0o644,
-                mtime_ns: 0,
+                mtime: vtun::fs::FileTime::default(),
                 hash: None,
             };
             let (tag, mut body) = Msg::Listing(Listing {

@@ -8,6 +8,7 @@
 //! `sftp`) implements the same trait, answering `signatures` with `None` so everything is sent
 //! whole.
 
+use crate::fs::FileTime;
 use anyhow::Result;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -31,7 +32,7 @@ pub enum Piece {
         /// Size of the new content.
         size: u64,
         mode: u32,
-        mtime_ns: i64,
+        mtime: FileTime,
     },
     Data(Vec<u8>),
     /// BLAKE3 of the whole new content: checked before the file is renamed into place.
@@ -66,7 +67,7 @@ pub enum Op {
     SetMeta {
         path: RelPath,
         mode: Option<u32>,
-        mtime_ns: Option<i64>,
+        mtime: Option<FileTime>,
     },
 }
 

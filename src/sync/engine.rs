@@ -251,14 +251,14 @@ pub async fn run(
                     ops.push(Op::SetMeta {
                         path: entry.path.clone(),
                         mode: None,
-                        mtime_ns: Some(entry.mtime_ns),
+                        mtime: Some(entry.mtime),
                     });
                 }
             }
             Action::Meta { entry, .. } if !entry.is_dir() => ops.push(Op::SetMeta {
                 path: entry.path.clone(),
                 mode: Some(entry.mode),
-                mtime_ns: Some(entry.mtime_ns),
+                mtime: Some(entry.mtime),
             }),
             _ => {}
         }
@@ -267,7 +267,7 @@ pub async fn run(
         ops.push(Op::SetMeta {
             path: d.path.clone(),
             mode: Some(d.mode),
-            mtime_ns: Some(d.mtime_ns),
+            mtime: Some(d.mtime),
         });
     }
     apply(dst, ops, &mut summary).await?;

@@ -2,7 +2,8 @@
 //! so local and remote sides behave the same. Reading and sending live here; everything that
 //! writes (and must not be tricked into writing elsewhere) is in `write`.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use crate::fs::FileTime;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -116,7 +117,7 @@ fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()>
         delta,
         size,
         mode: m.permissions().mode() & 0o7777,
-        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        mtime: FileTime::mtime_of(&m),
     };
     if let Some(sig) = &req.signature {
         // Always a delta: one that is all literals costs about what the file does.

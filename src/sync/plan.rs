@@ -101,7 +101,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
             other => other,
         };
         let perms = d.is_some_and(|d| d.mode != s.mode);
-        let time = d.is_some_and(|d| !same_mtime(d.mtime_ns, s.mtime_ns, opts.mtime_seconds));
+        let time = d.is_some_and(|d| !d.mtime.same_as(s.mtime, opts.mtime_seconds));
         match (&s.kind, d) {
             (Kind::Dir, None) => {
                 touch(&s.path, &mut touched_dirs);
@@ -207,16 +207,6 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
     Plan { actions, dir_meta }
 }
 
-/// Quick-check equality of two mtimes. To the nanosecond normally; to the second when a listing
-/// came over SFTP, or when one side is exactly on a second, which is what an earlier
-/// whole-second (SFTP) sync leaves behind, so a later sync through the agent is a no-op too.
-pub fn same_mtime(a: i64, b: i64, seconds: bool) -> bool {
-    const NS: i64 = 1_000_000_000;
-    a == b
-        || ((seconds || a.rem_euclid(NS) == 0 || b.rem_euclid(NS) == 0)
-            && a.div_euclid(NS) == b.div_euclid(NS))
-}
-
 /// The rsync `--itemize-changes` line for an action.
 pub fn itemize(a: &Action) -> String {
     fn cols(f: &Flags) -> String {
@@ -265,21 +255,34 @@ pub fn itemize(a: &Action) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::fs::FileTime;
 
-    fn e(path: &str, kind: Kind, mtime: i64) -> Entry {
+    fn e(path: &str, kind: Kind, mtime: FileTime) -> Entry {
         Entry {
             path: RelPath::parse(path).unwrap(),
             kind,
             mode: 0o644,
-            mtime_ns: mtime,
+            mtime,
             hash: None,
         }
     }
-    fn f(path: &str, size: u64, mtime: i64) -> Entry {
-        e(path, Kind::File { size }, mtime)
+    fn f(path: &str, size: u64, mtime: impl Into<Time>) -> Entry {
+        e(path, Kind::File { size }, mtime.into().0)
     }
     fn d(path: &str) -> Entry {
-        e(path, Kind::Dir, 1)
+        e(path, Kind::Dir, FileTime::from_secs(1))
+    }
+    /// Test times: whole seconds, or an exact FileTime.
+    struct Time(FileTime);
+    impl From<i64> for Time {
+        fn from(s: i64) -> Time {
+            Time(FileTime::from_secs(s))
+        }
+    }
+    impl From<FileTime> for Time {
+        fn from(t: FileTime) -> Time {
+            Time(t)
+        }
     }
     fn lines(p: &Plan) -> Vec<String> {
         p.actions.iter().map(itemize).collect()
@@ -290,7 +293,11 @@ mod tests {
         let src = [
             d("a"),
             f("a/x", 3, 5),
-            e("a/l", Kind::Symlink { target: "x".into() }, 1),
+            e(
+                "a/l",
+                Kind::Symlink { target: "x".into() },
+                FileTime::from_secs(1),
+            ),
         ];
         let p = plan(&src, &[], PlanOpts::default());
         assert_eq!(
@@ -345,14 +352,9 @@ mod tests {
 
     #[test]
     fn whole_second_mtimes_match_their_second() {
-        let ns = 1_700_000_000_123_456_789;
-        let secs = 1_700_000_000_000_000_000;
-        assert!(same_mtime(ns, ns, false));
-        assert!(!same_mtime(ns, ns + 1, false));
-        assert!(same_mtime(ns, ns + 1, true));
-        assert!(same_mtime(ns, secs, false), "an SFTP-synced copy");
-        assert!(!same_mtime(ns, secs + 1_000_000_000, false));
-        assert!(!same_mtime(ns, secs + 1_000_000_000, true));
+        // FileTime::same_as has the rule's own tests; here, what the plan makes of it.
+        let ns = FileTime::new(1_700_000_000, 123_456_789);
+        let secs = FileTime::from_secs(1_700_000_000);
         let src = [f("x", 3, ns)];
         assert!(plan(&src, &[f("x", 3, secs)], PlanOpts::default())
             .actions
@@ -413,8 +415,16 @@ mod tests {
 
     #[test]
     fn changed_symlink_is_replaced() {
-        let s = e("l", Kind::Symlink { target: "b".into() }, 1);
-        let t = e("l", Kind::Symlink { target: "a".into() }, 1);
+        let s = e(
+            "l",
+            Kind::Symlink { target: "b".into() },
+            FileTime::from_secs(1),
+        );
+        let t = e(
+            "l",
+            Kind::Symlink { target: "a".into() },
+            FileTime::from_secs(1),
+        );
         assert_eq!(
             lines(&plan(&[s], &[t], PlanOpts::default())),
             ["cL.s....... l -> b"]

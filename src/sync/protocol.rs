@@ -8,6 +8,7 @@
 //!
 //! Frame: `u32` little-endian length of what follows, a tag byte, the body.
 
+use crate::fs::FileTime;
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -16,7 +17,7 @@ use super::tree::{Entry, Kind, ListOpts, Listing, RelPath};
 
 pub const MAGIC: &[u8; 12] = b"\x00vtun-agent\x00";
 /// Bump on any incompatible change; agents of another version are not used.
-pub const PROTO: u32 = 2;
+pub const PROTO: u32 = 3;
 /// Largest frame accepted (a listing of a very large tree is the biggest).
 pub const MAX_FRAME: usize = 512 << 20;
 
@@ -57,6 +58,11 @@ impl Enc {
     }
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A file time: seconds as i64, then nanoseconds as u32.
+    fn time(&mut self, t: FileTime) {
+        self.u64(t.secs() as u64);
+        self.u32(t.nsec());
     }
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
@@ -99,6 +105,14 @@ impl<'a> Dec<'a> {
     fn u32(&mut self) -> Result<u32> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn time(&mut self) -> Result<FileTime> {
+        let secs = self.u64()? as i64;
+        let nsec = self.u32()?;
+        if nsec >= FileTime::NANOS {
+            bail!("bad file time ({nsec} ns)");
+        }
+        Ok(FileTime::new(secs, nsec))
     }
     fn u64(&mut self) -> Result<u64> {
         let mut a = [0u8; 8];
@@ -163,7 +177,7 @@ fn enc_entry(e: &mut Enc, x: &Entry) {
         }
     }
     e.u32(x.mode);
-    e.u64(x.mtime_ns as u64);
+    e.time(x.mtime);
     match &x.hash {
         Some(h) => {
             e.u8(1);
@@ -182,13 +196,13 @@ fn dec_entry(d: &mut Dec) -> Result<Entry> {
         k => bail!("unknown entry kind {k}"),
     };
     let mode = d.u32()? & 0o7777;
-    let mtime_ns = d.u64()? as i64;
+    let mtime = d.time()?;
     let hash = if d.bool()? { Some(d.hash()?) } else { None };
     Ok(Entry {
         path,
         kind,
         mode,
-        mtime_ns,
+        mtime,
         hash,
     })
 }
@@ -251,17 +265,13 @@ impl Msg {
                             e.path(path);
                             e.u8(*recursive as u8);
                         }
-                        Op::SetMeta {
-                            path,
-                            mode,
-                            mtime_ns,
-                        } => {
+                        Op::SetMeta { path, mode, mtime } => {
                             e.u8(4);
                             e.path(path);
                             e.u8(mode.is_some() as u8);
                             e.u32(mode.unwrap_or(0));
-                            e.u8(mtime_ns.is_some() as u8);
-                            e.u64(mtime_ns.unwrap_or(0) as u64);
+                            e.u8(mtime.is_some() as u8);
+                            e.time(mtime.unwrap_or_default());
                         }
                     }
                 }
@@ -273,13 +283,13 @@ impl Msg {
                     delta,
                     size,
                     mode,
-                    mtime_ns,
+                    mtime,
                 } => {
                     e.path(path);
                     e.u8(*delta as u8);
                     e.u64(*size);
                     e.u32(*mode);
-                    e.u64(*mtime_ns as u64);
+                    e.time(*mtime);
                     10
                 }
                 Piece::Data(b) => {
@@ -401,11 +411,11 @@ impl Msg {
                             let has_mode = d.bool()?;
                             let mode = d.u32()? & 0o7777;
                             let has_time = d.bool()?;
-                            let t = d.u64()? as i64;
+                            let t = d.time()?;
                             Op::SetMeta {
                                 path,
                                 mode: has_mode.then_some(mode),
-                                mtime_ns: has_time.then_some(t),
+                                mtime: has_time.then_some(t),
                             }
                         }
                         k => bail!("unknown op {k}"),
@@ -418,7 +428,7 @@ impl Msg {
                 delta: d.bool()?,
                 size: d.u64()?,
                 mode: d.u32()? & 0o7777,
-                mtime_ns: d.u64()? as i64,
+                mtime: d.time()?,
             }),
             DATA_TAG => {
                 let b = d.take(body.len())?.to_vec();
@@ -615,7 +625,7 @@ mod tests {
             Op::SetMeta {
                 path: p.clone(),
                 mode: None,
-                mtime_ns: Some(-5),
+                mtime: Some(FileTime::new(-5, 7)),
             },
         ]));
         rt(Msg::Piece(Piece::Start {
@@ -623,7 +633,7 @@ mod tests {
             delta: true,
             size: 9,
             mode: 0o600,
-            mtime_ns: 1_700_000_000_123_456_789,
+            mtime: FileTime::new(10_413_792_000, 123_456_789),
         }));
         rt(Msg::Piece(Piece::Data(vec![0; 1000])));
         rt(Msg::Piece(Piece::End { hash: [7; 32] }));
@@ -633,7 +643,7 @@ mod tests {
                 path: p.clone(),
                 kind: Kind::Symlink { target: "t".into() },
                 mode: 0o777,
-                mtime_ns: 3,
+                mtime: FileTime::from_secs(3),
                 hash: Some([1; 32]),
             }],
             mtime_seconds: false,

@@ -8,6 +8,7 @@
 //! content lands in a `.vtun-tmp.*` file beside its target and is renamed over it (posix-rename)
 //! only after its hash checks out, and metadata is never set through a symlink.
 
+use crate::fs::FileTime;
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +27,6 @@ use crate::transfer::RemoteFs;
 
 /// Reads or writes in flight per file: hides the round trip on a long link.
 const DEPTH: usize = 16;
-const NS: i64 = 1_000_000_000;
 
 /// A sync root on a remote host, reached over SFTP only.
 pub struct SftpEndpoint {
@@ -180,7 +180,7 @@ impl SftpEndpoint {
             path: rel.clone(),
             kind,
             mode: m.mode,
-            mtime_ns: m.mtime.saturating_mul(NS),
+            mtime: FileTime::from_secs(m.mtime),
             hash: None,
         }))
     }
@@ -216,7 +216,7 @@ impl SftpEndpoint {
             delta: false,
             size: meta.size,
             mode: meta.mode,
-            mtime_ns: meta.mtime.saturating_mul(NS),
+            mtime: FileTime::from_secs(meta.mtime),
         })
         .await?;
         let mut h = blake3::Hasher::new();
@@ -292,11 +292,7 @@ impl SftpEndpoint {
                     },
                 }
             }
-            Op::SetMeta {
-                path,
-                mode,
-                mtime_ns,
-            } => {
+            Op::SetMeta { path, mode, mtime } => {
                 let p = if path.is_root() {
                     self.root.clone()
                 } else {
@@ -311,7 +307,7 @@ impl SftpEndpoint {
                 if m.kind == FsKind::Symlink {
                     return Ok(());
                 }
-                let times = mtime_ns.map(|t| (m.atime, t.div_euclid(NS)));
+                let times = mtime.map(|t| (m.atime, t.secs()));
                 self.fs.set_meta(&p, mode.unwrap_or(m.mode), times).await
             }
         }
@@ -362,13 +358,13 @@ impl SftpEndpoint {
                     delta,
                     size: _,
                     mode,
-                    mtime_ns,
+                    mtime,
                 } => {
                     if let Some(old) = cur.take() {
                         self.abandon(old, "incomplete stream", &mut report).await;
                     }
                     skipping = false;
-                    match self.begin(&path, delta, mode, mtime_ns, &mut known).await {
+                    match self.begin(&path, delta, mode, mtime, &mut known).await {
                         Ok(f) => cur = Some(f),
                         Err(e) => {
                             report.failed.push((path, format!("{e:#}")));
@@ -424,7 +420,7 @@ impl SftpEndpoint {
         rel: &RelPath,
         delta: bool,
         mode: u32,
-        mtime_ns: i64,
+        mtime: FileTime,
         known: &mut HashSet<RelPath>,
     ) -> Result<Incoming> {
         if delta {
@@ -447,7 +443,7 @@ impl SftpEndpoint {
             pending: VecDeque::new(),
             hasher: blake3::Hasher::new(),
             mode,
-            mtime_ns,
+            mtime,
         })
     }
 
@@ -455,7 +451,7 @@ impl SftpEndpoint {
     async fn finish(&self, mut f: Incoming, hash: &[u8; 32]) -> Result<u64> {
         let written = f.drain().await;
         let ok = written.is_ok() && f.hasher.finalize().as_bytes() == hash;
-        let times = (now_secs(), f.mtime_ns.div_euclid(NS));
+        let times = (now_secs(), f.mtime.secs());
         let mode = f.mode & 0o7777;
         let finished = if ok {
             f.writer.finish(Some(mode), Some(times)).await
@@ -501,7 +497,7 @@ struct Incoming {
     pending: VecDeque<BoxFuture<'static, Result<()>>>,
     hasher: blake3::Hasher,
     mode: u32,
-    mtime_ns: i64,
+    mtime: FileTime,
 }
 
 impl Incoming {

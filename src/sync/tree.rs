@@ -4,9 +4,10 @@
 //! `..`, `.`, empty or absolute components: a hostile agent cannot name anything outside the root.
 //! Walking never follows symlinks; they are listed as links with their target.
 
+use crate::fs::FileTime;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -115,7 +116,7 @@ pub struct Entry {
     pub kind: Kind,
     /// Permission bits (`mode & 0o7777`).
     pub mode: u32,
-    pub mtime_ns: i64,
+    pub mtime: FileTime,
     /// BLAKE3 of a regular file's content, when asked for (`-c`).
     pub hash: Option<[u8; 32]>,
 }
@@ -289,7 +290,7 @@ fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Op
         path: rel,
         kind,
         mode: m.permissions().mode() & 0o7777,
-        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        mtime: FileTime::mtime_of(m),
         hash,
     }))
 }

@@ -4,6 +4,7 @@
 //! `.vtun-tmp.*` file beside the target and is renamed over it only after its hash checks out.
 //! A temporary file is removed if its stream breaks off.
 
+use crate::fs::FileTime;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
@@ -110,11 +111,11 @@ impl TempFile {
     }
 
     /// Set metadata and rename over `target`.
-    fn commit(mut self, target: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
+    fn commit(mut self, target: &Path, mode: u32, mtime: FileTime) -> Result<()> {
         self.file
             .set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
             .context("cannot set mode")?;
-        set_mtime_nofollow(&self.path, mtime_ns)?;
+        set_mtime_nofollow(&self.path, mtime)?;
         std::fs::rename(&self.path, target)
             .with_context(|| format!("cannot rename into {}", target.display()))?;
         self.committed = true;
@@ -136,7 +137,7 @@ struct InFlight {
     tmp: TempFile,
     body: Body,
     mode: u32,
-    mtime_ns: i64,
+    mtime: FileTime,
 }
 
 enum Body {
@@ -188,13 +189,13 @@ pub fn receive_all(root: &Path, mut input: mpsc::Receiver<Piece>) -> RecvReport 
                 delta,
                 size,
                 mode,
-                mtime_ns,
+                mtime,
             } => {
                 if let Some(old) = cur.take() {
                     report.failed.push((old.rel, "incomplete stream".into()));
                 }
                 skipping = false;
-                match begin(root, &path, delta, size, mode, mtime_ns) {
+                match begin(root, &path, delta, size, mode, mtime) {
                     Ok(f) => cur = Some(f),
                     Err(e) => {
                         report.fail(path, e);
@@ -262,7 +263,7 @@ fn begin(
     delta: bool,
     size: u64,
     mode: u32,
-    mtime_ns: i64,
+    mtime: FileTime,
 ) -> std::result::Result<InFlight, Failed> {
     if rel.is_root() {
         return Err(Failed::fatal(anyhow::anyhow!(
@@ -286,7 +287,7 @@ fn begin(
         tmp,
         body,
         mode,
-        mtime_ns,
+        mtime,
     })
 }
 
@@ -307,7 +308,7 @@ fn finish(f: InFlight, hash: &[u8; 32]) -> std::result::Result<u64, Failed> {
     }
     let size = f.tmp.file.metadata().map(|m| m.len()).unwrap_or(0);
     f.tmp
-        .commit(&f.target, f.mode, f.mtime_ns)
+        .commit(&f.target, f.mode, f.mtime)
         .map_err(Failed::fatal)?;
     if let Some(old) = basis {
         release(old);
@@ -398,11 +399,7 @@ pub fn apply_op(root: &Path, op: &Op) -> Result<()> {
                 r => r.with_context(|| format!("cannot delete {}", p.display())),
             }
         }
-        Op::SetMeta {
-            path,
-            mode,
-            mtime_ns,
-        } => {
+        Op::SetMeta { path, mode, mtime } => {
             let p = if path.is_root() {
                 root.to_path_buf()
             } else {
@@ -414,7 +411,7 @@ pub fn apply_op(root: &Path, op: &Op) -> Result<()> {
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode & 0o7777))
                     .with_context(|| format!("cannot chmod {}", p.display()))?;
             }
-            if let Some(t) = mtime_ns {
+            if let Some(t) = mtime {
                 set_mtime_nofollow(&p, *t)?;
             }
             Ok(())
@@ -423,13 +420,12 @@ pub fn apply_op(root: &Path, op: &Op) -> Result<()> {
 }
 
 /// Set a path's mtime (not a symlink's target's).
-fn set_mtime_nofollow(path: &Path, mtime_ns: i64) -> Result<()> {
+fn set_mtime_nofollow(path: &Path, mtime: FileTime) -> Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).context("path contains NUL")?;
     // SAFETY: timespec is plain data; zeroed is a valid value we then fill in.
     let mut times: [libc::timespec; 2] = unsafe { std::mem::zeroed() };
     times[0].tv_nsec = libc::UTIME_OMIT;
-    times[1].tv_sec = mtime_ns.div_euclid(1_000_000_000) as libc::time_t;
-    times[1].tv_nsec = mtime_ns.rem_euclid(1_000_000_000) as _;
+    times[1] = mtime.timespec();
     // SAFETY: `c` is a valid NUL-terminated string and `times` holds two timespecs.
     let r = unsafe {
         libc::utimensat(
@@ -472,7 +468,7 @@ mod tests {
             delta: false,
             size: 1,
             mode: 0o644,
-            mtime_ns: 0,
+            mtime: FileTime::default(),
         })
         .unwrap();
         tx.try_send(Piece::Data(b"x".to_vec())).unwrap();
@@ -497,7 +493,7 @@ mod tests {
             delta: false,
             size: 6,
             mode: 0o644,
-            mtime_ns: 0,
+            mtime: FileTime::default(),
         })
         .unwrap();
         tx.try_send(Piece::Data(b"new".to_vec())).unwrap();
@@ -516,7 +512,7 @@ mod tests {
             delta: true,
             size: new.len() as u64,
             mode: 0o644,
-            mtime_ns: 0,
+            mtime: FileTime::default(),
         }];
         let sig = delta::Signature::parse(&sig).unwrap();
         delta::diff(&sig, new, &mut |p| {
@@ -600,7 +596,7 @@ mod tests {
             delta: false,
             size: 3,
             mode: 0o644,
-            mtime_ns: 0,
+            mtime: FileTime::default(),
         })
         .unwrap();
         tx.try_send(Piece::Data(b"abc".to_vec())).unwrap();

@@ -20,6 +20,7 @@ mod rebuild;
 mod signature;
 mod weak;
 
+use crate::fs::FileTime;
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{Context, Result};
@@ -30,7 +31,7 @@ pub use rebuild::Rebuild;
 pub use signature::{block_size, signature, Signature};
 
 /// Version of the signature and delta formats.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const OP_COPY: u8 = 1;
 const OP_LITERAL: u8 = 2;
 
@@ -39,44 +40,52 @@ const OP_LITERAL: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
     size: u64,
-    mtime_ns: i64,
+    mtime: FileTime,
     ino: u64,
-    ctime_ns: i64,
+    ctime: FileTime,
 }
 
 impl Token {
-    const LEN: usize = 32;
+    const LEN: usize = 40;
 
     pub fn of(file: &std::fs::File) -> Result<Token> {
         let m = file.metadata().context("cannot stat the old file")?;
         Ok(Token {
             size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            mtime: FileTime::mtime_of(&m),
             ino: m.ino(),
-            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ctime: FileTime::ctime_of(&m),
         })
     }
 
     fn to_bytes(self) -> [u8; Token::LEN] {
         let mut b = [0; Token::LEN];
         b[..8].copy_from_slice(&self.size.to_le_bytes());
-        b[8..16].copy_from_slice(&self.mtime_ns.to_le_bytes());
-        b[16..24].copy_from_slice(&self.ino.to_le_bytes());
-        b[24..].copy_from_slice(&self.ctime_ns.to_le_bytes());
+        b[8..16].copy_from_slice(&self.mtime.secs().to_le_bytes());
+        b[16..20].copy_from_slice(&self.mtime.nsec().to_le_bytes());
+        b[20..28].copy_from_slice(&self.ino.to_le_bytes());
+        b[28..36].copy_from_slice(&self.ctime.secs().to_le_bytes());
+        b[36..].copy_from_slice(&self.ctime.nsec().to_le_bytes());
         b
     }
 
     fn from_bytes(b: &[u8]) -> Result<Token> {
-        let field = |i: usize| -> Result<[u8; 8]> {
-            b.get(i..i + 8)
+        fn field<const N: usize>(b: &[u8], i: usize) -> Result<[u8; N]> {
+            b.get(i..i + N)
                 .and_then(|s| s.try_into().ok())
                 .context("basis token too short")
+        }
+        let time = |i: usize| -> Result<FileTime> {
+            Ok(FileTime::new(
+                i64::from_le_bytes(field(b, i)?),
+                u32::from_le_bytes(field(b, i + 8)?),
+            ))
         };
         Ok(Token {
-            size: u64::from_le_bytes(field(0)?),
-            mtime_ns: i64::from_le_bytes(field(8)?),
-            ino: u64::from_le_bytes(field(16)?),
-            ctime_ns: i64::from_le_bytes(field(24)?),
+            size: u64::from_le_bytes(field(b, 0)?),
+            mtime: time(8)?,
+            ino: u64::from_le_bytes(field(b, 20)?),
+            ctime: time(28)?,
         })
     }
 }
@@ -132,9 +141,9 @@ mod tests {
 
     const TOKEN: Token = Token {
         size: 1,
-        mtime_ns: 2,
+        mtime: FileTime::from_secs(10_413_792_000),
         ino: 3,
-        ctime_ns: 4,
+        ctime: FileTime::new(-4, 5),
     };
 
     fn sig(old: &[u8]) -> Vec<u8> {
@@ -282,7 +291,7 @@ mod tests {
         new[12 << 20..(12 << 20) + 8].copy_from_slice(b"CHANGED!");
         let s = sig(&old);
         let bs = block_size(old.len() as u64) as usize;
-        assert_eq!(s.len(), 1 + 4 + 8 + 32 + old.len() / bs * 20);
+        assert_eq!(s.len(), 1 + 4 + 8 + 40 + old.len() / bs * 20);
         let (d, pieces) = delta(&s, &new).unwrap();
         assert!(d.len() <= bs + 200, "delta is {} bytes", d.len());
         // Copy runs are cut so the receiver can start before the sender is done.
