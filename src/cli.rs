@@ -139,6 +139,7 @@ pub struct IdentityArgs {
     pub identity: Vec<PathBuf>,
 }
 
+/// `--host-key-check` values (the command layer maps them to `ssh::HostKeyCheck`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HostKeyCheck {
     /// Pin on first use, refuse a changed key.
@@ -326,8 +327,10 @@ pub struct SyncArgs {
     /// Never use the remote agent; copy whole files over SFTP.
     #[arg(long)]
     pub no_agent: bool,
-    /// Connections per side for file contents when there is much to send: enough to get past
-    /// OpenSSH's fixed 2 MiB channel window on high-latency links.
+    /// SSH channels per side (one connection each) for file contents when there is much to
+    /// send: enough to get past OpenSSH's fixed 2 MiB channel window on high-latency links.
+    ///
+    /// sshd allows 10 channels per connection by default (MaxSessions).
     #[arg(long, default_value_t = 8, value_name = "N", env = "VTUN_PARALLEL")]
     pub parallel: usize,
     /// Print a JSON summary on stdout.
@@ -391,6 +394,12 @@ pub struct GatewayArgs {
     /// Testing aid: cut connections idle (no bytes either way) for SECS.
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<f64>,
+    /// Close connections that have not completed the TLS handshake within SECS.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub handshake_timeout: f64,
+    /// Serve at most N connections at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub max_connections: usize,
     /// Print the listening address on stdout once ready (for scripts using port 0).
     #[arg(long)]
     pub print_addr: bool,

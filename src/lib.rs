@@ -5,6 +5,7 @@
 //! modules (`proxy`, `exec`, `transfer`, `sync`, `gateway`) each take validated options.
 
 pub mod cli;
+pub mod cmd;
 pub mod error;
 pub mod exec;
 pub mod fs;
@@ -12,7 +13,6 @@ pub mod gateway;
 pub mod progress;
 pub mod proxy;
 pub mod remote;
-pub mod run;
 pub mod settings;
 pub mod ssh;
 pub mod sshconfig;

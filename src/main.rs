@@ -4,5 +4,5 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = vtun::cli::parse();
-    vtun::error::exit_code(vtun::run::run(cli))
+    vtun::error::exit_code(vtun::cmd::run(cli))
 }

@@ -1,11 +1,11 @@
 //! Resolved global options: what every connecting subcommand needs, computed once from flags,
-//! environment and defaults.
+//! environment and defaults by the command layer (`cmd::settings`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{GlobalArgs, HostKeyCheck};
-use crate::target::{resolve_domain, Host};
+use crate::ssh::HostKeyCheck;
+use crate::target::Host;
 use crate::tls::TlsOptions;
 
 #[derive(Debug, Clone)]
@@ -27,35 +27,6 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_args(g: &GlobalArgs, identities: &[PathBuf]) -> anyhow::Result<Settings> {
-        let vers_url = std::env::var("VERS_URL").ok();
-        let domain = resolve_domain(g.domain.as_deref(), vers_url.as_deref());
-        let secs = |v: f64, what: &str| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(anyhow::anyhow!("{what} must be a number of seconds ≥ 0"))
-            }
-        };
-        Ok(Settings {
-            domain,
-            port: g.port,
-            tls: TlsOptions {
-                ca_files: g.ca_file.clone(),
-                insecure: g.insecure,
-                connect: g.connect.clone(),
-                connect_timeout: secs(g.connect_timeout, "--connect-timeout")?,
-            },
-            user: g.user.clone().unwrap_or_else(|| "root".to_string()),
-            identities: identities.to_vec(),
-            known_hosts: g.known_hosts.clone().unwrap_or_else(default_known_hosts),
-            host_key_check: g.host_key_check,
-            wait: secs(g.wait, "--wait")?,
-            verbose: g.verbose,
-            quiet: g.quiet,
-        })
-    }
-
     /// Parse a VM operand with this domain.
     pub fn host(&self, s: &str) -> anyhow::Result<Host> {
         Host::parse(s, &self.domain)

@@ -1,19 +1,7 @@
-//! `vtun ssh-config`: an ssh_config block so plain ssh, scp, rsync and git reach VMs via vtun.
+//! The ssh_config block `vtun ssh-config` prints, so plain ssh, scp, rsync and git reach VMs via
+//! vtun.
 
-use anyhow::{Context, Result};
-
-use crate::cli::SshConfigArgs;
 use crate::settings::Settings;
-
-pub fn run(settings: &Settings, args: &SshConfigArgs) -> Result<u8> {
-    let exe = std::env::current_exe().context("cannot find the path of this vtun binary")?;
-    let host = args
-        .host
-        .clone()
-        .unwrap_or_else(|| format!("*.{}", settings.domain));
-    print!("{}", block(&host, &exe.display().to_string(), settings));
-    Ok(0)
-}
 
 /// The config text; options that change how vtun dials are carried into the ProxyCommand.
 pub fn block(host: &str, exe: &str, settings: &Settings) -> String {

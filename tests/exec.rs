@@ -498,8 +498,7 @@ fn one_session_carries_many_channels_at_once() {
     ])
     .expect("cli");
     let settings =
-        vtun::settings::Settings::from_args(&cli.global, std::slice::from_ref(&bed.user_key))
-            .expect("settings");
+        vtun::cmd::settings(&cli.global, std::slice::from_ref(&bed.user_key)).expect("settings");
     let host = settings.host("a").expect("host");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {

@@ -16,7 +16,6 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use vtun::cli::{Cli, Command};
 use vtun::remote::{Connector, Opener, RemoteIo, Subprocess};
-use vtun::settings::Settings;
 use vtun::target::Host;
 
 fn bin() -> PathBuf {
@@ -138,7 +137,8 @@ fn sync_with(conn: &dyn Connector, args: &[&str]) -> anyhow::Result<Vec<String>>
     let Command::Sync(a) = cli.command else {
         panic!("not a sync command")
     };
-    let settings = Settings::from_args(&cli.global, &[]).unwrap();
+    let settings = vtun::cmd::settings(&cli.global, &[]).unwrap();
+    let a = vtun::cmd::sync::options(&a);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut out = Vec::new();
     rt.block_on(vtun::sync::run_sync(&settings, &a, conn, &mut out))?;

@@ -18,25 +18,26 @@ use futures::future::BoxFuture;
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use vtun::cli::{Cli, Command, CpArgs};
+use vtun::cli::{Cli, Command};
 use vtun::remote::{Connector, LocalConnector, Opener, RemoteIo, Subprocess};
 use vtun::settings::Settings;
 use vtun::target::Host;
+use vtun::transfer::cp::CpOptions;
 
-fn parse(args: &[&str]) -> (Settings, CpArgs) {
+fn parse(args: &[&str]) -> (Settings, CpOptions) {
     let mut argv = vec!["vtun", "-q", "cp"];
     argv.extend_from_slice(args);
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");
-    let settings = Settings::from_args(&cli.global, &[]).expect("settings");
+    let settings = vtun::cmd::settings(&cli.global, &[]).expect("settings");
     match cli.command {
-        Command::Cp(a) => (settings, a),
+        Command::Cp(a) => (settings, vtun::cmd::cp::options(&a)),
         _ => unreachable!(),
     }
 }
 
 async fn cp_with(connector: &dyn Connector, args: &[&str]) -> Result<u8> {
     let (settings, args) = parse(args);
-    vtun::transfer::cp(&settings, &args, connector).await
+    vtun::transfer::cp(&settings, &args, connector, &mut std::io::sink()).await
 }
 
 async fn cp(args: &[&str]) -> Result<u8> {

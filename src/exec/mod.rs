@@ -19,7 +19,7 @@ use quote::{parse_env, CommandSpec};
 
 /// `vtun exec VM -- CMD…`
 pub fn exec(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
-    let settings = Settings::from_args(g, &args.identity.identity)?;
+    let settings = crate::cmd::settings(g, &args.identity.identity)?;
     let host = settings.host(&args.vm)?;
     let env = args
         .env
@@ -43,7 +43,7 @@ pub fn exec(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
 
 /// `vtun ssh VM [CMD…]`
 pub fn ssh(g: &GlobalArgs, args: &SshArgs) -> Result<u8> {
-    let settings = Settings::from_args(g, &args.identity.identity)?;
+    let settings = crate::cmd::settings(g, &args.identity.identity)?;
     let host = settings.host(&args.vm)?;
     let interactive = args.command.is_empty();
     let stdin_tty = tty::is_tty(libc::STDIN_FILENO);

@@ -3,11 +3,15 @@
 //! relays bytes to the backend's TCP port, half-closing each direction on its own.
 //!
 //! It powers the test bed and benchmarks; `--delay-ms` and `--idle-timeout` are testing aids.
+//! Connections that do not finish the TLS handshake within the handshake timeout are closed, and
+//! at most `max_connections` are served at once (more are closed on accept), so a client that
+//! connects and sends nothing cannot hold a slot or a task forever.
 
 pub mod certs;
 pub mod pump;
 pub mod route;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +19,33 @@ use anyhow::{Context, Result};
 use rustls::server::Acceptor;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::cli::GatewayArgs;
 pub use route::{Pattern, Route};
+
+/// Where the gateway's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// A certificate chain and its key, both PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A CA and a certificate for the route names, created once in this directory.
+    SelfSigned(PathBuf),
+}
+
+/// What `vtun gateway` was asked to do, validated.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub routes: Vec<Route>,
+    pub cert: CertSource,
+    /// One-way delay added in each direction.
+    pub delay: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// Time from accept to a completed TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
 
 /// Everything a running gateway needs.
 pub struct Gateway {
@@ -27,25 +54,24 @@ pub struct Gateway {
     /// One-way delay added in each direction.
     pub delay: Duration,
     pub idle_timeout: Option<Duration>,
+    pub handshake_timeout: Duration,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 impl Gateway {
-    /// Validate the arguments and load or create the certificate.
-    pub fn from_args(args: &GatewayArgs) -> Result<Gateway> {
-        let routes = args
-            .routes
-            .iter()
-            .map(|r| Route::parse(r))
-            .collect::<Result<Vec<_>>>()?;
-        let (cert, key) = match (&args.cert, &args.key, &args.self_signed) {
-            (Some(c), Some(k), _) => (
-                std::fs::read_to_string(c)
-                    .with_context(|| format!("cannot read {}", c.display()))?,
-                std::fs::read_to_string(k)
-                    .with_context(|| format!("cannot read {}", k.display()))?,
+    /// Load or create the certificate.
+    pub fn new(opts: Options) -> Result<Gateway> {
+        let (cert, key) = match &opts.cert {
+            CertSource::Files { cert, key } => (
+                std::fs::read_to_string(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?,
+                std::fs::read_to_string(key)
+                    .with_context(|| format!("cannot read {}", key.display()))?,
             ),
-            (_, _, Some(dir)) => {
-                let mut names: Vec<String> = routes.iter().map(|r| r.pattern.cert_name()).collect();
+            CertSource::SelfSigned(dir) => {
+                let mut names: Vec<String> =
+                    opts.routes.iter().map(|r| r.pattern.cert_name()).collect();
                 names.push("localhost".into());
                 let pair = certs::self_signed(dir, &names)?;
                 eprintln!(
@@ -54,18 +80,18 @@ impl Gateway {
                 );
                 pair
             }
-            _ => anyhow::bail!("give --cert and --key, or --self-signed DIR"),
         };
-        let idle_timeout = match args.idle_timeout {
-            Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
-            Some(_) => anyhow::bail!("--idle-timeout must be a positive number of seconds"),
-            None => None,
-        };
+        if opts.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
         Ok(Gateway {
-            routes,
+            routes: opts.routes,
             tls: certs::server_config(&cert, &key)?,
-            delay: Duration::from_millis(args.delay_ms),
-            idle_timeout,
+            delay: opts.delay,
+            idle_timeout: opts.idle_timeout,
+            handshake_timeout: opts.handshake_timeout,
+            slots: Arc::new(Semaphore::new(opts.max_connections)),
+            max_connections: opts.max_connections,
         })
     }
 
@@ -81,31 +107,32 @@ impl Gateway {
                     continue;
                 }
             };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, max = self.max_connections, "connection limit reached: closed");
+                drop(sock);
+                continue;
+            };
             let _ = sock.set_nodelay(true);
             let gw = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = gw.handle(sock).await {
                     tracing::info!(%peer, "connection ended: {e:#}");
                 }
+                drop(slot);
             });
         }
     }
 
     async fn handle(&self, sock: TcpStream) -> Result<()> {
         let peer = sock.peer_addr()?;
-        let start = LazyConfigAcceptor::new(Acceptor::default(), sock)
-            .await
-            .context("TLS ClientHello")?;
-        let sni = start.client_hello().server_name().map(str::to_owned);
-        let Some(route) = sni.as_deref().and_then(|n| route::lookup(&self.routes, n)) else {
-            tracing::warn!(%peer, "unknown server name {:?}: closed", sni.unwrap_or_default());
+        let limit = self.handshake_timeout;
+        let Ok(accepted) = tokio::time::timeout(limit, self.accept_tls(sock)).await else {
+            tracing::info!(%peer, "no TLS handshake within {limit:?}: closed");
             return Ok(());
         };
-        let sni = sni.unwrap_or_default();
-        let tls = start
-            .into_stream(self.tls.clone())
-            .await
-            .context("TLS handshake")?;
+        let Some((tls, route, sni)) = accepted? else {
+            return Ok(());
+        };
         let backend = match TcpStream::connect(&route.backend).await {
             Ok(b) => b,
             Err(e) => {
@@ -118,6 +145,28 @@ impl Gateway {
         let _ = backend.set_nodelay(true);
         tracing::info!(%peer, name = %sni, backend = %route.backend, "connected");
         self.relay(tls, backend).await
+    }
+
+    /// Read the ClientHello, pick the route by SNI and finish the handshake; `None` when the name
+    /// has no route (the connection is closed before any handshake).
+    async fn accept_tls(
+        &self,
+        sock: TcpStream,
+    ) -> Result<Option<(tokio_rustls::server::TlsStream<TcpStream>, &Route, String)>> {
+        let peer = sock.peer_addr()?;
+        let start = LazyConfigAcceptor::new(Acceptor::default(), sock)
+            .await
+            .context("TLS ClientHello")?;
+        let sni = start.client_hello().server_name().map(str::to_owned);
+        let Some(route) = sni.as_deref().and_then(|n| route::lookup(&self.routes, n)) else {
+            tracing::warn!(%peer, "unknown server name {:?}: closed", sni.unwrap_or_default());
+            return Ok(None);
+        };
+        let tls = start
+            .into_stream(self.tls.clone())
+            .await
+            .context("TLS handshake")?;
+        Ok(Some((tls, route, sni.unwrap_or_default())))
     }
 
     async fn relay(
@@ -170,22 +219,4 @@ impl Gateway {
             }
         }
     }
-}
-
-/// `vtun gateway`: bind, print the address if asked, serve.
-pub fn run(args: &GatewayArgs) -> Result<u8> {
-    let gw = Arc::new(Gateway::from_args(args)?);
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let listener = TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        if args.print_addr {
-            println!("{addr}");
-        }
-        tracing::info!(%addr, routes = gw.routes.len(), "listening");
-        gw.serve(listener).await
-    })?;
-    Ok(0)
 }

@@ -26,14 +26,13 @@ use crate::error::Failure;
 use crate::settings::Settings;
 use crate::tls::Dialer;
 
-pub fn run(settings: &Settings, host_arg: &str) -> Result<u8> {
+/// Relay stdin/stdout to `host_arg`. Runs on a current-thread runtime (the command layer builds
+/// it): both directions share the TLS stream on one task.
+pub async fn run(settings: &Settings, host_arg: &str) -> Result<u8> {
     let host = settings.host(host_arg)?;
     let port = settings.port_for(&host);
     let dialer = Dialer::new(&settings.tls)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(relay(&dialer, &host.name, port))
+    relay(&dialer, &host.name, port).await
 }
 
 /// Size of each read from the TCP socket. rustls asks its reader for about 4 KiB at a time, so

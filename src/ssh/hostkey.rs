@@ -12,7 +12,17 @@ use anyhow::Context;
 use russh::keys::{HashAlg, PublicKey, PublicKeyOrCertificate};
 
 use super::SshError;
-use crate::cli::HostKeyCheck;
+
+/// What to do with a server's host key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyCheck {
+    /// Pin on first use, refuse a changed key.
+    AcceptNew,
+    /// Refuse unknown and changed keys.
+    Yes,
+    /// Accept any key (no protection against a man in the middle).
+    No,
+}
 
 /// What to check the server's key against.
 #[derive(Debug, Clone)]

@@ -22,6 +22,7 @@ mod retry;
 mod session;
 
 pub use channel::{ChannelIo, SshConnector};
+pub use hostkey::HostKeyCheck;
 pub use session::Session;
 
 /// Failures of the SSH layer that decide exit codes and messages.

@@ -18,20 +18,6 @@ pub fn probe_line() -> String {
     format!("vtun-agent-proto {PROTO}")
 }
 
-/// Entry point of `vtun agent`.
-pub fn run_stdio() -> Result<u8> {
-    if std::env::var_os("VTUN_AGENT_PROBE").is_some() {
-        println!("{}", probe_line());
-        return Ok(0);
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start runtime")?;
-    rt.block_on(serve(tokio::io::stdin(), tokio::io::stdout()))?;
-    Ok(0)
-}
-
 /// Serve one client until it closes the stream.
 pub async fn serve<R, W>(r: R, w: W) -> Result<()>
 where

@@ -29,7 +29,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::SyncArgs;
 use crate::remote::Connector;
 use crate::settings::Settings;
 use crate::target::Location;
@@ -37,17 +36,32 @@ use endpoint::Endpoint;
 use engine::{EngineOpts, Summary};
 use tree::RelPath;
 
-/// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to stdout.
-pub async fn sync(settings: &Settings, args: &SyncArgs, connector: &dyn Connector) -> Result<u8> {
-    let mut stdout = std::io::stdout();
-    run_sync(settings, args, connector, &mut stdout).await?;
-    Ok(0)
+/// What `vtun sync` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    /// Source and destination operands as the user wrote them.
+    pub src: String,
+    pub dst: String,
+    pub dry_run: bool,
+    pub delete: bool,
+    pub delete_excluded: bool,
+    pub exclude: Vec<String>,
+    pub exclude_from: Vec<std::path::PathBuf>,
+    pub checksum: bool,
+    pub size_only: bool,
+    /// Print rsync-style change lines.
+    pub itemize: bool,
+    pub no_agent: bool,
+    /// Agent channels per side for file contents.
+    pub parallel: usize,
+    pub json: bool,
 }
 
-/// [`sync`] writing to `out`; errors when any entry could not be synced (after syncing the rest).
+/// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to `out`;
+/// errors when any entry could not be synced (after syncing the rest).
 pub async fn run_sync(
     settings: &Settings,
-    args: &SyncArgs,
+    args: &SyncOptions,
     connector: &dyn Connector,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary> {

@@ -14,7 +14,6 @@ use rand::RngCore;
 
 use super::engine::{Engine, Options};
 use super::fs::{Fs, Kind, RemoteFs};
-use crate::cli::BenchArgs;
 use crate::progress::Progress;
 use crate::remote::{Connector, Opener};
 use crate::settings::Settings;
@@ -63,9 +62,27 @@ pub struct Report {
     pub runs: Vec<Run>,
 }
 
-/// Run `vtun bench`.
-pub async fn bench(settings: &Settings, args: &BenchArgs, connector: &dyn Connector) -> Result<u8> {
-    let size = parse_size(&args.size)?;
+/// What `vtun bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The VM operand as the user wrote it.
+    pub vm: String,
+    /// Bytes to move each way.
+    pub size: u64,
+    /// Channels for the parallel run.
+    pub parallel: usize,
+    /// Print JSON instead of a table.
+    pub json: bool,
+}
+
+/// Run `vtun bench`; the report goes to `out`.
+pub async fn bench(
+    settings: &Settings,
+    args: &BenchOptions,
+    connector: &dyn Connector,
+    out: &mut (dyn Write + Send),
+) -> Result<u8> {
+    let size = args.size;
     if args.parallel == 0 {
         bail!("--parallel must be at least 1");
     }
@@ -75,10 +92,11 @@ pub async fn bench(settings: &Settings, args: &BenchArgs, connector: &dyn Connec
     let connect = started.elapsed();
     let report = measure(opener, size, args.parallel, connect).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        writeln!(out, "{}", serde_json::to_string(&report)?).context("cannot write to stdout")?;
     } else {
-        print_table(&report)?;
+        print_table(&report, out)?;
     }
+    out.flush().context("cannot write to stdout")?;
     Ok(0)
 }
 
@@ -206,8 +224,7 @@ async fn write_random(path: &Path, size: u64) -> Result<()> {
     .await?
 }
 
-fn print_table(r: &Report) -> Result<()> {
-    let mut out = std::io::stdout().lock();
+fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> Result<()> {
     writeln!(out, "{}", r.host)?;
     writeln!(out, "  connect        {:>9.1} ms", r.connect_ms)?;
     writeln!(out, "  sftp open      {:>9.1} ms", r.sftp_open_ms)?;

@@ -2,15 +2,15 @@
 //! engine, report. Every host is connected through the [`Connector`] once and shared by all
 //! operands naming it, so `a:x a:y b:` opens two connections, not three.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::engine::{Engine, Options};
 use super::fs::{Fs, RemoteFs};
 use super::sftp;
-use crate::cli::CpArgs;
 use crate::error::Failure;
 use crate::progress::Progress;
 use crate::remote::Connector;
@@ -27,8 +27,27 @@ fn remote_path(path: &str) -> PathBuf {
     }
 }
 
-/// Run `vtun cp`; `Ok(0)` when every source was copied.
-pub async fn cp(settings: &Settings, args: &CpArgs, connector: &dyn Connector) -> Result<u8> {
+/// What `vtun cp` was asked to do.
+#[derive(Debug, Clone)]
+pub struct CpOptions {
+    /// Sources, then the destination, as the user wrote them (`VM:PATH` or local).
+    pub paths: Vec<String>,
+    pub recursive: bool,
+    pub preserve: bool,
+    pub resume: bool,
+    /// SSH channels per host for large files and many small ones.
+    pub parallel: usize,
+    /// Write a JSON summary line to `out`.
+    pub json: bool,
+}
+
+/// Run `vtun cp`; `Ok(0)` when every source was copied. The `--json` summary goes to `out`.
+pub async fn cp(
+    settings: &Settings,
+    args: &CpOptions,
+    connector: &dyn Connector,
+    out: &mut (dyn Write + Send),
+) -> Result<u8> {
     if args.paths.len() < 2 {
         bail!("cp needs at least one source and a destination");
     }
@@ -80,7 +99,9 @@ pub async fn cp(settings: &Settings, args: &CpArgs, connector: &dyn Connector) -
         "copy finished"
     );
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        writeln!(out, "{}", serde_json::to_string(&summary)?)
+            .and_then(|()| out.flush())
+            .context("cannot write to stdout")?;
     }
     let Some(last) = errors.pop() else {
         return Ok(0);

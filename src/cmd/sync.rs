@@ -1,0 +1,37 @@
+//! `vtun sync`: flags into `sync::SyncOptions`; changes (`-i`, `-n`) and `--json` go to stdout.
+
+use anyhow::Result;
+
+use super::Runtime;
+use crate::cli::{GlobalArgs, SyncArgs};
+use crate::ssh::SshConnector;
+use crate::sync::{run_sync, SyncOptions};
+
+pub fn options(args: &SyncArgs) -> SyncOptions {
+    SyncOptions {
+        src: args.src.clone(),
+        dst: args.dst.clone(),
+        dry_run: args.dry_run,
+        delete: args.delete,
+        delete_excluded: args.delete_excluded,
+        exclude: args.exclude.clone(),
+        exclude_from: args.exclude_from.clone(),
+        checksum: args.checksum,
+        size_only: args.size_only,
+        itemize: args.itemize,
+        no_agent: args.no_agent,
+        parallel: args.parallel,
+        json: args.json,
+    }
+}
+
+pub fn run(g: &GlobalArgs, args: &SyncArgs) -> Result<u8> {
+    let settings = super::settings(g, &args.identity)?;
+    let connector = SshConnector::new(settings.clone());
+    let opts = options(args);
+    Runtime::MultiThread.block_on(async {
+        let mut out = std::io::stdout();
+        run_sync(&settings, &opts, &connector, &mut out).await?;
+        Ok(0)
+    })
+}
