@@ -116,11 +116,8 @@ fn unknown_server_name_is_refused() {
 #[test]
 fn unreachable_edge_fails_fast_with_refused() {
     let bed = TestBed::start();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Bound and never listening: refused for sure, and no parallel test can take the port.
+    let (_held, port) = reserve_port();
     let err = proxy_error(
         &bed,
         bed.vtun()

@@ -1,5 +1,5 @@
-//! The test bed: real OpenSSH `sshd` processes (one per "VM", each with its own host key) on
-//! ephemeral loopback ports, a `vtun gateway` routing `<name>.vm.test` to them with a throwaway CA,
+//! The test bed: real OpenSSH `sshd` (one per "VM", each with its own host key, in inetd mode
+//! behind a loopback port the bed holds for its whole life), a `vtun gateway` routing `<name>.vm.test` to them with a throwaway CA,
 //! a user key, and in-process fault relays (cut or stall a connection) for failure tests.
 //!
 //! Everything lives in one temp dir and every process is killed on drop, also when a test panics.
@@ -12,8 +12,11 @@ pub mod fault;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
@@ -51,20 +54,35 @@ fn user_name() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+/// A loopback port held from the moment the bed is built: bound but not listening, so until the
+/// VM "boots" connections to it are refused (as on a booting VM), and no other test can take it
+/// meanwhile — a port picked, freed and re-bound later can be lost to a parallel test.
+pub fn reserve_port() -> (OwnedFd, u16) {
+    // SAFETY: plain socket calls on a descriptor this function creates and then owns; the address
+    // structs are plain data, zeroed and sized as the kernel expects.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let sa = &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr;
+        let rc = libc::bind(fd.as_raw_fd(), sa, len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let rc = libc::getsockname(fd.as_raw_fd(), sa, &mut len);
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        (fd, u16::from_be(addr.sin_port))
+    }
 }
 
-fn wait_for_port(port: u16, timeout: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+/// Start listening on a socket from [`reserve_port`].
+fn listen(fd: OwnedFd) -> TcpListener {
+    // SAFETY: listen() on a bound socket this function owns; no memory is involved.
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), 128) };
+    assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+    TcpListener::from(fd)
 }
 
 pub fn keygen(path: &Path, kind: &str) {
@@ -77,12 +95,37 @@ pub fn keygen(path: &Path, kind: &str) {
     assert!(st.success(), "ssh-keygen failed");
 }
 
-/// One "VM": an sshd with its own host key.
+/// One "VM": OpenSSH's sshd with its own host key, run in inetd mode (`sshd -i`, one process per
+/// connection) behind a listener the bed owns. The bed never lets go of the port, so tests
+/// running in parallel cannot steal it between picking and binding, and a restart keeps it.
 pub struct Vm {
     pub name: String,
     pub port: u16,
     pub dir: PathBuf,
-    child: Option<Child>,
+    /// The reserved port until the VM first starts.
+    reserved: Option<OwnedFd>,
+    sshd: Arc<Sshd>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the accept loop shares with its [`Vm`].
+struct Sshd {
+    /// New connections get an sshd (true) or are closed at once (a VM that is down).
+    running: AtomicBool,
+    /// The bed is going away: the accept loop ends.
+    closing: AtomicBool,
+    sessions: Mutex<Vec<Child>>,
+}
+
+impl Sshd {
+    fn kill_sessions(&self) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for c in sessions.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        sessions.clear();
+    }
 }
 
 impl Vm {
@@ -102,24 +145,35 @@ impl Vm {
     }
 
     fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.join("sshd.log")).expect("log");
-        let child = Command::new(sshd_bin())
-            .args(["-D", "-e", "-f"])
-            .arg(self.dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start sshd");
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
+        self.sshd.running.store(true, Ordering::SeqCst);
+        let Some(fd) = self.reserved.take() else {
+            return; // already listening (a restart)
+        };
+        let listener = listen(fd);
+        let sshd = self.sshd.clone();
+        let config = self.dir.join("sshd_config");
+        let log = self.dir.join("sshd.log");
+        self.acceptor = Some(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sshd.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                if !sshd.running.load(Ordering::SeqCst) {
+                    continue; // dropped: a VM that is down closes the connection
+                }
+                let child = spawn_sshd(&config, &log, conn);
+                let mut sessions = sshd.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                sessions.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+                sessions.extend(child);
+            }
+        }));
     }
 
+    /// New connections are closed and open sessions killed, as when a VM goes down.
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.sshd.running.store(false, Ordering::SeqCst);
+        self.sshd.kill_sessions();
     }
 
     /// Replace the host key (the "VM was rebuilt" case) and restart sshd.
@@ -130,6 +184,36 @@ impl Vm {
         keygen(&self.dir.join("host_key"), "ed25519");
         self.start();
     }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.sshd.closing.store(true, Ordering::SeqCst);
+        if let Some(t) = self.acceptor.take() {
+            // Wake the blocked accept() so the loop sees `closing` and drops the listener.
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+            let _ = t.join();
+        }
+        self.stop();
+    }
+}
+
+/// One inetd-mode sshd serving `conn` on its stdin and stdout.
+fn spawn_sshd(config: &Path, log: &Path, conn: TcpStream) -> Option<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .ok()?;
+    let input = conn.try_clone().ok()?;
+    Command::new(sshd_bin())
+        .args(["-i", "-e", "-f"])
+        .arg(config)
+        .stdin(OwnedFd::from(input))
+        .stdout(OwnedFd::from(conn))
+        .stderr(log)
+        .spawn()
+        .ok()
 }
 
 #[derive(Default)]
@@ -199,14 +283,19 @@ impl Builder {
             keygen(&dir.join("host_key"), "ed25519");
             std::fs::create_dir_all(dir.join("home")).expect("vm home");
             std::fs::write(dir.join("authorized_keys"), &authorized).expect("authorized_keys");
-            let port = free_port();
-            std::fs::write(dir.join("sshd_config"), sshd_config(&dir, port, &user))
-                .expect("sshd_config");
+            let (reserved, port) = reserve_port();
+            std::fs::write(dir.join("sshd_config"), sshd_config(&dir, &user)).expect("sshd_config");
             let mut vm = Vm {
                 name: name.clone(),
                 port,
                 dir,
-                child: None,
+                reserved: Some(reserved),
+                sshd: Arc::new(Sshd {
+                    running: AtomicBool::new(false),
+                    closing: AtomicBool::new(false),
+                    sessions: Mutex::new(Vec::new()),
+                }),
+                acceptor: None,
             };
             if *started {
                 vm.start();
@@ -303,11 +392,9 @@ fn unsafe_is_root() -> bool {
     user_name() == "root"
 }
 
-fn sshd_config(dir: &Path, port: u16, user: &str) -> String {
+fn sshd_config(dir: &Path, user: &str) -> String {
     format!(
-        "Port {port}\n\
-         ListenAddress 127.0.0.1\n\
-         HostKey {dir}/host_key\n\
+        "HostKey {dir}/host_key\n\
          PidFile none\n\
          AuthorizedKeysFile {dir}/authorized_keys\n\
          StrictModes no\n\
@@ -318,7 +405,6 @@ fn sshd_config(dir: &Path, port: u16, user: &str) -> String {
          KbdInteractiveAuthentication no\n\
          Subsystem sftp internal-sftp\n\
          LogLevel ERROR\n\
-         MaxStartups 200:30:400\n\
          MaxSessions 64\n\
          AcceptEnv VTUN_TEST_*\n\
          SetEnv HOME={dir}/home\n\
@@ -555,9 +641,7 @@ impl Drop for TestBed {
             let _ = g.kill();
             let _ = g.wait();
         }
-        for vm in &mut self.vms {
-            vm.stop();
-        }
+        // Each Vm stops its sshd sessions and listener as it drops.
     }
 }
 
