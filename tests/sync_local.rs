@@ -473,8 +473,20 @@ fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
     let mut conn = Local::on_path();
     conn.cut_after = Some(2_500_000);
     assert!(sync_with(&conn, &[&slash(&src), &remote(&dst)]).is_err());
-    // Let the agent notice the cut and clean up.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The agent notices the cut on its own time: wait until it has removed its temporaries.
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(&dst).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".vtun-tmp.")
+    }) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the agent left its temporaries after the cut"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     for i in 0..6 {
         let name = format!("f{i}");
         if let Ok(got) = std::fs::read(dst.join(&name)) {

@@ -613,15 +613,23 @@ impl TestBed {
     }
 
     /// SSH stream bytes (up, down) the gateway carried on connections that closed since `mark`.
-    /// Waits briefly: the gateway logs a connection when both directions have closed.
+    /// The gateway logs a connection's bytes once both directions have closed, which can be a
+    /// moment after the client exits: this waits until every connection opened since `mark` has
+    /// its `closed` line.
     pub fn wire_bytes_since(&self, mark: usize) -> (u64, u64) {
-        std::thread::sleep(Duration::from_millis(300));
-        let log = self.gateway_log();
+        let since = |log: &str| log[mark.min(log.len())..].to_string();
+        let count = |log: &str, what: &str| log.lines().filter(|l| l.contains(what)).count();
+        wait_until(
+            Duration::from_secs(20),
+            "gateway logs every connection closed",
+            || {
+                let log = since(&self.gateway_log());
+                count(&log, " closed up=") >= count(&log, " connected ").max(1)
+            },
+        );
+        let log = since(&self.gateway_log());
         let (mut up, mut down) = (0, 0);
-        for line in log[mark.min(log.len())..]
-            .lines()
-            .filter(|l| l.contains("closed"))
-        {
+        for line in log.lines().filter(|l| l.contains(" closed up=")) {
             for field in line.split_whitespace() {
                 let num = |v: &str| v.trim_end_matches(',').parse::<u64>().unwrap_or(0);
                 if let Some(v) = field.strip_prefix("up=") {
@@ -674,39 +682,220 @@ impl Out {
     }
 }
 
+/// Poll `done` until it holds, failing the test with `what` after `limit`: the way to wait for
+/// something observable instead of sleeping and hoping.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running child whose stdout and stderr are collected as they arrive, so a test can wait for
+/// a line to appear and every wait has a deadline (a hung child fails the test, with the output
+/// it had printed, instead of hanging CI).
+pub struct Spawned {
+    child: Child,
+    what: String,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn collect(
+    mut from: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            into.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+impl Spawned {
+    /// Spawn `cmd` (stdin as configured) with stdout and stderr piped to the collectors.
+    pub fn start(cmd: &mut Command) -> Spawned {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            readers.push(collect(o, stdout.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            readers.push(collect(e, stderr.clone()));
+        }
+        Spawned {
+            child,
+            what: format!("{cmd:?}"),
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout_so_far(&self) -> Vec<u8> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Wait until stdout contains `text`, failing the test after `limit`.
+    #[track_caller]
+    pub fn wait_for_stdout(&mut self, text: &str, limit: Duration) {
+        self.wait_for(limit, text, |s| {
+            String::from_utf8_lossy(&s.stdout_so_far()).contains(text)
+        });
+    }
+
+    /// Wait until stderr contains `text`, failing the test after `limit`.
+    #[track_caller]
+    pub fn wait_for_stderr(&mut self, text: &str, limit: Duration) {
+        self.wait_for(limit, text, |s| s.stderr_so_far().contains(text));
+    }
+
+    #[track_caller]
+    fn wait_for(&mut self, limit: Duration, text: &str, seen: impl Fn(&Self) -> bool) {
+        let start = Instant::now();
+        while !seen(self) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // One last look: the text may have arrived with the exit.
+                std::thread::sleep(Duration::from_millis(50));
+                if seen(self) {
+                    return;
+                }
+                panic!(
+                    "{} exited ({st:?}) without printing {text:?}\n{}",
+                    self.what,
+                    self.so_far()
+                );
+            }
+            if start.elapsed() > limit {
+                self.kill();
+                panic!(
+                    "{} did not print {text:?} within {limit:?}\n{}",
+                    self.what,
+                    self.so_far()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn so_far(&self) -> String {
+        format!(
+            "stdout so far: {}\nstderr so far: {}",
+            String::from_utf8_lossy(&self.stdout_so_far()),
+            self.stderr_so_far()
+        )
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the exit; after `limit` kill the child and fail the test with its output so far.
+    #[track_caller]
+    pub fn wait(mut self, limit: Duration) -> Out {
+        let start = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) => {}
+                Err(e) => panic!("wait for {}: {e}", self.what),
+            }
+            if start.elapsed() > limit {
+                self.kill();
+                panic!("{} timed out after {limit:?}\n{}", self.what, self.so_far());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The pipes close when the last writer goes; a grandchild that keeps one open fails
+        // the wait in the same time budget instead of hanging it.
+        for r in std::mem::take(&mut self.readers) {
+            while !r.is_finished() {
+                if start.elapsed() > limit {
+                    panic!(
+                        "{} exited ({status:?}) but its output stayed open after {limit:?}\n{}",
+                        self.what,
+                        self.so_far()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = r.join();
+        }
+        Out {
+            status,
+            stdout: self.stdout_so_far(),
+            stderr: self.stderr_so_far(),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Kills `pid` with SIGKILL if it still runs after `limit`, so a blocking read or write on a
+/// child's pipe ends (and the test fails) instead of hanging. Disarmed on drop.
+pub struct Watchdog {
+    cancel: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn new(child: &Child, limit: Duration) -> Watchdog {
+        let pid = child.id() as libc::pid_t;
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+                eprintln!("watchdog: killing pid {pid} after {limit:?}");
+                // SAFETY: kill() takes no memory. The pid is still this child's: a watchdog is
+                // armed only around reads and writes, and dropped before the child is waited for.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        Watchdog {
+            cancel: Some(cancel),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.cancel.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Run to completion (stdin as configured), capturing output, failing the test after `limit`.
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Out {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let mut so = child.stdout.take().expect("stdout");
-    let mut se = child.stderr.take().expect("stderr");
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("command timed out after {limit:?}: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Out {
-        status,
-        stdout: t1.join().expect("join"),
-        stderr: String::from_utf8_lossy(&t2.join().expect("join")).into_owned(),
-    }
+    Spawned::start(cmd).wait(limit)
 }
 
 pub fn run(cmd: &mut Command) -> Out {
