@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod support;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -343,14 +345,7 @@ impl<O: Opener> Connector for With<O> {
 
 #[tokio::test]
 async fn permission_denied_is_reported() {
-    if std::process::Command::new("setpriv")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: setpriv missing");
-        return;
-    }
+    // setpriv (util-linux) is installed by scripts/deps.sh; without it the opener fails loudly.
     let t = tempfile::tempdir().unwrap();
     std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let locked = t.path().join("locked");
@@ -376,23 +371,18 @@ async fn disk_full_on_the_far_side_removes_the_temporary() {
     let t = tempfile::tempdir().unwrap();
     let mnt = t.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipped: cannot mount a small tmpfs here");
-        return;
-    }
+    assert!(
+        support::is_root(),
+        "this case mounts a small tmpfs, which needs root (CI runs as root)"
+    );
+    let full = support::Tmpfs::mount(&mnt, "size=1m");
     let src = t.path().join("big");
     random_file(&src, 4 * 1024 * 1024);
     let up = cp(&[&s(&src), &remote("a", &mnt.join("big"))]).await;
     let remote_left = entries(&mnt);
     let down = cp(&[&remote("a", &src), &s(&mnt.join("big"))]).await;
     let local_left = entries(&mnt);
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    drop(full);
     let err = up.unwrap_err();
     assert!(
         format!("{err:#}").contains("no space left on device"),

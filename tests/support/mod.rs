@@ -271,7 +271,7 @@ impl Builder {
         let user_key = root.join("id_ed25519");
         keygen(&user_key, "ed25519");
         let authorized = std::fs::read_to_string(root.join("id_ed25519.pub")).expect("pub");
-        if unsafe_is_root() {
+        if is_root() {
             let _ = std::fs::create_dir_all("/run/sshd");
         }
         let user = user_name();
@@ -388,8 +388,39 @@ impl Builder {
     }
 }
 
-fn unsafe_is_root() -> bool {
-    user_name() == "root"
+/// Whether the tests run as root (as CI does): root ignores permission bits, so a test of a
+/// refused write needs a file system that refuses it (see [`Tmpfs`]).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid() cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A tmpfs mounted at a directory for one test (`size=1m` for a full disk, `ro` for a read-only
+/// one), unmounted on drop. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    #[track_caller]
+    pub fn mount(dir: &Path, options: &str) -> Tmpfs {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs -o {options} {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }
 
 fn sshd_config(dir: &Path, user: &str) -> String {
