@@ -495,6 +495,10 @@ fn one_session_carries_many_channels_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vtun::remote::Connector;
 
+    // In-process: the library reads SSH_AUTH_SOCK, HOME and clap's VTUN_* defaults.
+    if rerun_in_clean_env(&[]) {
+        return;
+    }
     let bed = TestBed::builder().vm("a").start();
     let gateway = bed.gateway_addr.to_string();
     let cli = vtun::cli::Cli::try_parse_from([

@@ -75,6 +75,9 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn file_copies_are_byte_identical_in_every_direction() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src.bin");
     random_file(&src, 3 * 1024 * 1024 + 17);
@@ -101,6 +104,9 @@ async fn file_copies_are_byte_identical_in_every_direction() {
 
 #[tokio::test]
 async fn large_file_split_into_parallel_ranges_is_identical() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("big");
     random_file(&src, 24 * 1024 * 1024 + 12345);
@@ -174,6 +180,9 @@ fn assert_same_tree(a: &Path, b: &Path) {
 
 #[tokio::test]
 async fn trees_keep_empty_dirs_symlinks_odd_names_and_modes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     make_tree(&src);
@@ -195,6 +204,9 @@ async fn trees_keep_empty_dirs_symlinks_odd_names_and_modes() {
 
 #[tokio::test]
 async fn preserve_keeps_mtime_and_modes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("f");
     std::fs::write(&src, b"x").unwrap();
@@ -231,6 +243,9 @@ async fn preserve_keeps_mtime_and_modes() {
 
 #[tokio::test]
 async fn several_sources_go_into_a_directory_and_need_one() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     std::fs::write(&a, b"A").unwrap();
@@ -249,6 +264,9 @@ async fn several_sources_go_into_a_directory_and_need_one() {
 
 #[tokio::test]
 async fn missing_sources_name_the_path() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let missing = t.path().join("missing");
     let err = cp(&[&s(&missing), &s(&t.path().join("x"))])
@@ -290,6 +308,9 @@ async fn missing_sources_name_the_path() {
 
 #[tokio::test]
 async fn completed_sources_stay_when_another_fails() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     std::fs::write(t.path().join("good"), b"good").unwrap();
     let dir = t.path().join("dir");
@@ -345,6 +366,9 @@ impl<O: Opener> Connector for With<O> {
 
 #[tokio::test]
 async fn permission_denied_is_reported() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     // setpriv (util-linux) is installed by scripts/deps.sh; without it the opener fails loudly.
     let t = tempfile::tempdir().unwrap();
     std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -368,6 +392,9 @@ async fn permission_denied_is_reported() {
 
 #[tokio::test]
 async fn disk_full_on_the_far_side_removes_the_temporary() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let mnt = t.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
@@ -510,6 +537,9 @@ fn cutting_after(bytes: i64) -> With<Cutting> {
 
 #[tokio::test]
 async fn cut_copy_leaves_old_version_and_resume_finishes_it() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     random_file(&src, 12 * 1024 * 1024);
@@ -670,6 +700,9 @@ impl Opener for Hostile {
 
 #[tokio::test]
 async fn listing_names_that_escape_the_destination_are_refused() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     // ("." and ".." are the directory's own entries: skipped, never used as names.)
     for bad in ["../escape", "/etc/passwd", "a/b", "", "x\0y"] {
         let t = tempfile::tempdir().unwrap();
@@ -700,6 +733,9 @@ async fn listing_names_that_escape_the_destination_are_refused() {
 
 #[tokio::test]
 async fn json_summary_counts_files_and_bytes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     make_tree(&src);
@@ -741,6 +777,9 @@ async fn json_summary_counts_files_and_bytes() {
 
 #[tokio::test]
 async fn bench_measures_and_removes_its_files() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let opener: Arc<dyn Opener> = Arc::new(Subprocess::new().unwrap());
     let home_before = entries(Path::new("."));
     let r = vtun::transfer::bench::measure(opener, 3 << 20, 2, std::time::Duration::ZERO)
@@ -756,6 +795,9 @@ async fn bench_measures_and_removes_its_files() {
 
 #[tokio::test]
 async fn recursive_preserve_keeps_directory_times_and_modes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -794,6 +836,9 @@ async fn recursive_preserve_keeps_directory_times_and_modes() {
 
 #[tokio::test]
 async fn a_directory_never_replaces_a_file() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     std::fs::create_dir(&src).unwrap();
@@ -809,6 +854,9 @@ async fn a_directory_never_replaces_a_file() {
 
 #[tokio::test]
 async fn abandoned_copy_removes_its_temporary() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     random_file(&src, 16 * 1024 * 1024);
@@ -832,6 +880,9 @@ async fn abandoned_copy_removes_its_temporary() {
 
 #[tokio::test]
 async fn copy_within_one_host_is_identical() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     // Same host on both sides: the server copies (copy-data) when it can.
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
@@ -854,6 +905,9 @@ async fn copy_within_one_host_is_identical() {
 
 #[tokio::test]
 async fn many_sources_are_copied_concurrently_into_a_directory() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let mut args = Vec::new();
     for i in 0..60 {
@@ -885,6 +939,9 @@ async fn many_sources_are_copied_concurrently_into_a_directory() {
 /// handshake and its answer sets the request size (256 KiB at most), not the 32 KiB fallback.
 #[tokio::test]
 async fn the_servers_announced_limits_set_the_request_size() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let host = Host::parse("vm", "vm.test").unwrap();
     let opener = LocalConnector.connect(&host).await.unwrap();
     let sftp = vtun::transfer::Sftp::connect(opener.sftp().await.unwrap())

@@ -933,6 +933,79 @@ pub fn run(cmd: &mut Command) -> Out {
     run_with_timeout(cmd, Duration::from_secs(120))
 }
 
+/// Child processes of this process that are still running (zombies have finished: they no
+/// longer touch anything). In a test run by [`rerun_in_clean_env`] these are the test's own.
+pub fn live_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut live = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = read(&e.path().join("stat"));
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after
+        // the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(me.to_string().as_str()) && state != Some("Z") {
+            live.push(pid);
+        }
+    }
+    live
+}
+
+/// Set in the child that [`rerun_in_clean_env`] starts: the test name it runs.
+const CLEAN_CHILD: &str = "VTUN_TEST_CLEAN_CHILD";
+
+/// The first line of an in-process test (`if rerun_in_clean_env(&[]) { return; }`): runs this
+/// test again in a child process of the test binary whose environment holds only PATH, a fresh
+/// empty HOME and TMPDIR, and `env`. Returns true in the parent once the child passed (the test
+/// is done), false in the child (run the body).
+///
+/// Code under test in-process reads the process environment (clap's `VTUN_*` defaults,
+/// SSH_AUTH_SOCK, HOME, the agent's overrides): whatever the developer or CI has set would leak
+/// in, and `set_var` to clear it is unsound while the harness runs tests on other threads.
+pub fn rerun_in_clean_env(env: &[(&str, &std::ffi::OsStr)]) -> bool {
+    let name = std::thread::current()
+        .name()
+        .expect("libtest names each test's thread after the test")
+        .to_string();
+    if std::env::var_os(CLEAN_CHILD).is_some_and(|n| n == name.as_str()) {
+        return false;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("vtun-clean-env-")
+        .tempdir()
+        .expect("tempdir");
+    for d in ["home", "tmp"] {
+        std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([&name, "--exact", "--nocapture", "--test-threads=1"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir.path().join("home"))
+        .env("TMPDIR", dir.path().join("tmp"))
+        .env(CLEAN_CHILD, &name)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(300));
+    let report = format!(
+        "{name} in a clean environment: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        out.stdout_str(),
+        out.stderr
+    );
+    assert!(out.status.success(), "{report}");
+    // A name that matched no test would "pass" having run nothing.
+    assert!(out.stdout_str().contains("1 passed"), "{report}");
+    true
+}
+
 /// Write all dirty data back to disk (`sync`) before a timed benchmark cell, so no cell pays for
 /// the previous one's writeback.
 #[allow(dead_code)]
