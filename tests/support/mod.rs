@@ -207,6 +207,8 @@ fn spawn_sshd(config: &Path, log: &Path, conn: TcpStream) -> Option<Child> {
         .ok()?;
     let input = conn.try_clone().ok()?;
     Command::new(sshd_bin())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args(["-i", "-e", "-f"])
         .arg(config)
         .stdin(OwnedFd::from(input))
