@@ -364,9 +364,11 @@ impl Builder {
             .expect("start gateway");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
+        let watchdog = Watchdog::new(&child, Duration::from_secs(30));
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("gateway address");
+        drop(watchdog);
         let gateway_addr: SocketAddr = line
             .trim()
             .parse()
@@ -1057,9 +1059,11 @@ impl GatewayProc {
             .expect("start gateway");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
+        let watchdog = Watchdog::new(&child, Duration::from_secs(30));
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("gateway address");
+        drop(watchdog);
         let addr = line.trim().parse().expect("gateway did not start");
         GatewayProc { addr, child }
     }
