@@ -13,6 +13,8 @@ missing_packages() {
     command -v pgrep >/dev/null 2>&1 || need+=(procps)
     command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
     command -v setsid >/dev/null 2>&1 || need+=(util-linux)
+    # The full-disk and read-only cases mount a small tmpfs (as root, as CI runs).
+    command -v mount >/dev/null 2>&1 || need+=(mount)
     if [ "${#need[@]}" -gt 0 ]; then
         printf '%s\n' "${need[@]}" | sort -u | tr '\n' ' '
     fi

@@ -312,44 +312,49 @@ fn missing_files_and_unknown_vms_give_clear_errors() {
 
 #[test]
 fn read_only_or_full_destination_fails_without_leftovers() {
-    if user_is_root_and_can_mount() {
-        let bed = TestBed::start();
-        let mnt = bed.dir("small");
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
-        }
-        let _guard = Unmount(&mnt);
-        let src = bed.dir("src").join("too-big.bin");
-        std::fs::write(&src, random_bytes(4 << 20, 3)).unwrap();
-        let out = cp(&bed, &[src.to_str().unwrap(), &remote("a", &mnt)]);
-        assert_ne!(out.code(), 0);
-        let err = out.stderr.to_lowercase();
-        assert!(
-            err.contains("no space") || err.contains("disk full") || err.contains("full"),
-            "{err}"
-        );
-        assert_eq!(
-            std::fs::read_dir(&mnt).unwrap().count(),
-            0,
-            "temp file removed"
-        );
-    }
-}
+    let bed = TestBed::start();
+    let src = bed.dir("src").join("too-big.bin");
+    std::fs::write(&src, random_bytes(4 << 20, 3)).unwrap();
 
-fn user_is_root_and_can_mount() -> bool {
-    let out = std::process::Command::new("id").arg("-u").output().unwrap();
-    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
-        eprintln!("skipped: needs root to mount a small tmpfs");
-        return false;
-    }
-    std::path::Path::new("/usr/bin/mount").exists() || std::path::Path::new("/bin/mount").exists()
+    // Read-only. Root ignores permission bits (and CI runs as root), so there the destination
+    // is a read-only mount, which refuses root too; otherwise a directory without write bits.
+    let ro = bed.dir("read-only");
+    let _ro = if is_root() {
+        Some(Tmpfs::mount(&ro, "ro,size=1m"))
+    } else {
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        None
+    };
+    assert!(
+        std::fs::write(ro.join("probe"), b"x").is_err(),
+        "the read-only destination takes writes: this case would test nothing"
+    );
+    let out = cp(&bed, &[src.to_str().unwrap(), &remote("a", &ro)]);
+    assert_ne!(out.code(), 0, "stderr: {}", out.stderr);
+    let err = out.stderr.to_lowercase();
+    assert!(
+        err.contains("read-only") || err.contains("permission denied"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "nothing left");
+
+    // Full: a 1 MiB file system.
+    assert!(
+        is_root(),
+        "the full-disk case mounts a small tmpfs, which needs root (CI runs as root)"
+    );
+    let mnt = bed.dir("small");
+    let _full = Tmpfs::mount(&mnt, "size=1m");
+    let out = cp(&bed, &[src.to_str().unwrap(), &remote("a", &mnt)]);
+    assert_ne!(out.code(), 0);
+    let err = out.stderr.to_lowercase();
+    assert!(
+        err.contains("no space") || err.contains("disk full") || err.contains("full"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "temp file removed"
+    );
 }

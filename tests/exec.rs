@@ -97,7 +97,9 @@ fn a_reader_that_goes_away_ends_exec_quietly() {
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let mut first = [0u8; 2];
+    let watchdog = Watchdog::new(&child, LIMIT);
     std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("read");
+    drop(watchdog);
     assert_eq!(&first, b"y\n");
     drop(child.stdout.take());
     let deadline = Instant::now() + LIMIT;
@@ -105,10 +107,11 @@ fn a_reader_that_goes_away_ends_exec_quietly() {
         if let Some(st) = child.try_wait().expect("wait") {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "vtun kept running after its reader left"
-        );
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vtun kept running after its reader left");
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
@@ -175,16 +178,21 @@ impl Tmux {
 
     /// Wait until the pane shows `text`.
     fn wait_for(&self, text: &str) -> String {
+        self.shows_within(text, Duration::from_secs(15))
+            .unwrap_or_else(|screen| panic!("pane never showed {text:?}:\n{screen}"))
+    }
+
+    /// The screen once it shows `text`, or the last screen seen after `limit`.
+    fn shows_within(&self, text: &str, limit: Duration) -> Result<String, String> {
         let start = Instant::now();
         loop {
             let screen = self.run(&["capture-pane", "-p", "-t", "t"]);
             if screen.contains(text) {
-                return screen;
+                return Ok(screen);
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "pane never showed {text:?}:\n{screen}"
-            );
+            if start.elapsed() > limit {
+                return Err(screen);
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -230,9 +238,19 @@ fn interactive_shell_in_tmux_follows_resizes_and_restores_the_terminal() {
     tmux.run(&["send-keys", "-t", "t", "stty size; echo SIZE-DONE", "Enter"]);
     tmux.wait_for("30 100");
     tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
-    std::thread::sleep(Duration::from_millis(300));
-    tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
-    tmux.wait_for("40 120");
+    // The new size reaches the remote PTY asynchronously (SIGWINCH → window-change request):
+    // ask again until the remote terminal reports it.
+    let start = Instant::now();
+    loop {
+        tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+        match tmux.shows_within("40 120", Duration::from_secs(1)) {
+            Ok(_) => break,
+            Err(screen) => assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the remote never saw the resize:\n{screen}"
+            ),
+        }
+    }
     tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
     tmux.wait_for("VTUN-EXITED");
     let after = read(&stty_after);
@@ -375,16 +393,15 @@ fn boot_wait_retries_until_sshd_is_up_and_gives_up_after_wait() {
     );
 
     let mut cmd = bed.vtun();
-    cmd.args(["--wait", "20", "exec", "late", "--", "echo", "booted"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn");
-    std::thread::sleep(Duration::from_secs(3));
+    cmd.args(["--wait", "20", "exec", "late", "--", "echo", "booted"]);
+    let mut child = Spawned::start(&mut cmd);
+    // The VM boots while vtun is retrying, not before it started to.
+    child.wait_for_stderr("waiting for late.vm.test", LIMIT);
     bed.start_vm("late");
-    let out = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = child.wait(LIMIT);
+    let stderr = &out.stderr;
     assert!(out.status.success(), "stderr: {stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "booted\n");
+    assert_eq!(out.stdout_str(), "booted\n");
     assert_eq!(
         stderr.matches("waiting for late.vm.test").count(),
         1,
@@ -418,19 +435,21 @@ fn keepalive_survives_an_idle_cut_and_notices_a_stalled_link() {
 
     // The link stalls (no bytes either way, socket open): noticed after 6 missed keepalives.
     let mut cmd = bed.vtun();
-    cmd.env("VTUN_KEEPALIVE_SECS", "0.3")
-        .args(["exec", "a-fault", "--sh", "--", "echo started; sleep 30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let mut first = [0u8; 8];
-    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("started");
+    cmd.env("VTUN_KEEPALIVE_SECS", "0.3").args([
+        "exec",
+        "a-fault",
+        "--sh",
+        "--",
+        "echo started; sleep 30",
+    ]);
+    let mut child = Spawned::start(&mut cmd);
+    child.wait_for_stdout("started\n", LIMIT);
     bed.fault("a").arm(Fault::StallAfter(0));
     let start = Instant::now();
-    let out = child.wait_with_output().expect("wait");
+    let out = child.wait(LIMIT);
     bed.fault("a").release();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(255), "stderr: {stderr}");
+    let stderr = &out.stderr;
+    assert_eq!(out.code(), 255, "stderr: {stderr}");
     assert!(stderr.contains("connection lost"), "{stderr}");
     assert!(
         start.elapsed() < Duration::from_secs(10),
@@ -447,17 +466,14 @@ fn ctrl_c_ends_the_remote_command_and_exits_130() {
     let marker = format!("vtun-ctrl-c-{}", std::process::id());
     let mut cmd = bed.vtun();
     cmd.args(["exec", "a", "--sh", "--"])
-        .arg(format!("while :; do echo {marker}; sleep 0.1; done"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let mut first = [0u8; 8];
-    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("started");
+        .arg(format!("while :; do echo {marker}; sleep 0.1; done"));
+    let mut child = Spawned::start(&mut cmd);
+    child.wait_for_stdout(&marker, LIMIT);
     let pid = child.id().to_string();
     let sent = Command::new("kill").args(["-INT", &pid]).status();
     assert!(sent.expect("kill").success());
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(130));
+    let out = child.wait(LIMIT);
+    assert_eq!(out.code(), 130, "stderr: {}", out.stderr);
     let start = Instant::now();
     loop {
         let alive = Command::new("pgrep").args(["-f", &marker]).output();
@@ -479,6 +495,10 @@ fn one_session_carries_many_channels_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vtun::remote::Connector;
 
+    // In-process: the library reads SSH_AUTH_SOCK, HOME and clap's VTUN_* defaults.
+    if rerun_in_clean_env(&[]) {
+        return;
+    }
     let bed = TestBed::builder().vm("a").start();
     let gateway = bed.gateway_addr.to_string();
     let cli = vtun::cli::Cli::try_parse_from([

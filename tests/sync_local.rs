@@ -5,11 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -22,11 +24,9 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vtun"))
 }
 
-fn init() {
-    static ONCE: Once = Once::new();
-    // Uploads send the vtun binary, not this test executable (a documented testing aid).
-    ONCE.call_once(|| std::env::set_var("VTUN_AGENT_BINARY", bin()));
-}
+// Every test starts with `support::rerun_in_clean_env`, which runs it in a child process with a
+// clean environment plus `VTUN_AGENT_BINARY` (a documented testing aid), so that uploads send
+// the vtun binary, not this test executable.
 
 /// A "remote" host that is this machine, with `prefix` run before every remote command.
 struct Local {
@@ -130,7 +130,6 @@ impl AsyncWrite for Cut {
 
 /// Run `vtun sync ARGS…` in-process; returns stdout lines.
 fn sync_with(conn: &dyn Connector, args: &[&str]) -> anyhow::Result<Vec<String>> {
-    init();
     let mut argv = vec!["vtun", "sync"];
     argv.extend_from_slice(args);
     let cli = <Cli as clap::Parser>::try_parse_from(&argv).unwrap();
@@ -235,6 +234,9 @@ fn fixture(root: &Path) {
 
 #[test]
 fn every_direction_preserves_metadata_and_reruns_are_no_ops() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fixture(&src);
@@ -279,6 +281,9 @@ fn every_direction_preserves_metadata_and_reruns_are_no_ops() {
 
 #[test]
 fn trailing_slash_decides_between_contents_and_the_directory() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fixture(&src);
@@ -297,6 +302,9 @@ fn trailing_slash_decides_between_contents_and_the_directory() {
 
 #[test]
 fn delete_respects_excludes_unless_delete_excluded() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     write(&src.join("keep"), b"k");
@@ -329,6 +337,9 @@ fn delete_respects_excludes_unless_delete_excluded() {
 
 #[test]
 fn each_pattern_rule_applies_end_to_end() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("s");
     for f in [
@@ -377,6 +388,9 @@ fn each_pattern_rule_applies_end_to_end() {
 
 #[test]
 fn dry_run_changes_nothing() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     fixture(&src);
@@ -397,6 +411,9 @@ fn dry_run_changes_nothing() {
 
 #[test]
 fn small_change_in_a_large_file_goes_as_a_delta() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     let mut data: Vec<u8> = (0..4_000_000u32)
@@ -422,6 +439,9 @@ fn small_change_in_a_large_file_goes_as_a_delta() {
 
 #[test]
 fn shell_noise_before_the_agent_is_skipped() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     fixture(&src);
@@ -436,6 +456,9 @@ fn shell_noise_before_the_agent_is_skipped() {
 
 #[test]
 fn agent_is_uploaded_when_missing_then_reused() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
     std::fs::create_dir(&home).unwrap();
@@ -464,6 +487,9 @@ fn agent_is_uploaded_when_missing_then_reused() {
 
 #[test]
 fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     for i in 0..6 {
@@ -473,8 +499,13 @@ fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
     let mut conn = Local::on_path();
     conn.cut_after = Some(2_500_000);
     assert!(sync_with(&conn, &[&slash(&src), &remote(&dst)]).is_err());
-    // Let the agent notice the cut and clean up.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The agent is killed with its connection; wait until it is gone (it can no longer write
+    // anything), then look. This process runs only this test (rerun_in_clean_env).
+    support::wait_until(
+        std::time::Duration::from_secs(20),
+        "the agent exits after the cut",
+        || support::live_children().is_empty(),
+    );
     for i in 0..6 {
         let name = format!("f{i}");
         if let Ok(got) = std::fs::read(dst.join(&name)) {
@@ -491,9 +522,11 @@ fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
 
 #[test]
 fn crafted_listing_with_dotdot_is_refused() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     use vtun::sync::protocol::{hello, Msg};
     use vtun::sync::tree::{Entry, Kind, Listing, RelPath};
-    init();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
@@ -548,6 +581,9 @@ fn crafted_listing_with_dotdot_is_refused() {
 
 #[test]
 fn checksum_catches_same_size_same_mtime_changes() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     write(&src.join("f"), b"aaaa");
@@ -565,6 +601,9 @@ fn checksum_catches_same_size_same_mtime_changes() {
 
 #[test]
 fn symlinks_in_the_destination_are_replaced_not_followed() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst, outside) = (t.path().join("s"), t.path().join("d"), t.path().join("out"));
     write(&src.join("sub/file"), b"data");
@@ -583,6 +622,9 @@ fn symlinks_in_the_destination_are_replaced_not_followed() {
 
 #[test]
 fn big_sync_spreads_over_parallel_agents() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("s");
     for i in 0..12u32 {
@@ -625,6 +667,9 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 #[test]
 fn no_agent_matches_the_agent_in_every_direction_and_reruns_are_no_ops() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fixture(&src);
@@ -672,6 +717,9 @@ fn no_agent_matches_the_agent_in_every_direction_and_reruns_are_no_ops() {
 
 #[test]
 fn no_agent_delete_respects_excludes_unless_delete_excluded() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("s"), t.path().join("d"));
     write(&src.join("keep"), b"k");
@@ -710,6 +758,9 @@ fn no_agent_delete_respects_excludes_unless_delete_excluded() {
 
 #[test]
 fn checksum_without_an_agent_is_refused_clearly() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("s");
     write(&src.join("f"), b"x");
@@ -731,6 +782,9 @@ fn checksum_without_an_agent_is_refused_clearly() {
 
 #[test]
 fn no_agent_never_writes_through_symlinks_in_the_destination() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (src, dst, outside) = (t.path().join("s"), t.path().join("d"), t.path().join("out"));
     write(&src.join("sub/file"), b"data");
@@ -749,6 +803,9 @@ fn no_agent_never_writes_through_symlinks_in_the_destination() {
 
 #[test]
 fn host_that_cannot_run_the_agent_falls_back_to_sftp() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (home, fake) = (t.path().join("home"), t.path().join("fakebin"));
     std::fs::create_dir(&home).unwrap();

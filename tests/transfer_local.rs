@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod support;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -74,6 +76,9 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn file_copies_are_byte_identical_in_every_direction() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src.bin");
     random_file(&src, 3 * 1024 * 1024 + 17);
@@ -100,6 +105,9 @@ async fn file_copies_are_byte_identical_in_every_direction() {
 
 #[tokio::test]
 async fn large_file_split_into_parallel_ranges_is_identical() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("big");
     random_file(&src, 24 * 1024 * 1024 + 12345);
@@ -173,6 +181,9 @@ fn assert_same_tree(a: &Path, b: &Path) {
 
 #[tokio::test]
 async fn trees_keep_empty_dirs_symlinks_odd_names_and_modes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     make_tree(&src);
@@ -194,6 +205,9 @@ async fn trees_keep_empty_dirs_symlinks_odd_names_and_modes() {
 
 #[tokio::test]
 async fn preserve_keeps_mtime_and_modes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("f");
     std::fs::write(&src, b"x").unwrap();
@@ -230,6 +244,9 @@ async fn preserve_keeps_mtime_and_modes() {
 
 #[tokio::test]
 async fn several_sources_go_into_a_directory_and_need_one() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     std::fs::write(&a, b"A").unwrap();
@@ -248,6 +265,9 @@ async fn several_sources_go_into_a_directory_and_need_one() {
 
 #[tokio::test]
 async fn missing_sources_name_the_path() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let missing = t.path().join("missing");
     let err = cp(&[&s(&missing), &s(&t.path().join("x"))])
@@ -289,6 +309,9 @@ async fn missing_sources_name_the_path() {
 
 #[tokio::test]
 async fn completed_sources_stay_when_another_fails() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     std::fs::write(t.path().join("good"), b"good").unwrap();
     let dir = t.path().join("dir");
@@ -344,14 +367,10 @@ impl<O: Opener> Connector for With<O> {
 
 #[tokio::test]
 async fn permission_denied_is_reported() {
-    if std::process::Command::new("setpriv")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: setpriv missing");
+    if support::rerun_in_clean_env(&[]) {
         return;
     }
+    // setpriv (util-linux) is installed by scripts/deps.sh; without it the opener fails loudly.
     let t = tempfile::tempdir().unwrap();
     std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let locked = t.path().join("locked");
@@ -374,26 +393,24 @@ async fn permission_denied_is_reported() {
 
 #[tokio::test]
 async fn disk_full_on_the_far_side_removes_the_temporary() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let mnt = t.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipped: cannot mount a small tmpfs here");
-        return;
-    }
+    assert!(
+        support::is_root(),
+        "this case mounts a small tmpfs, which needs root (CI runs as root)"
+    );
+    let full = support::Tmpfs::mount(&mnt, "size=1m");
     let src = t.path().join("big");
     random_file(&src, 4 * 1024 * 1024);
     let up = cp(&[&s(&src), &remote("a", &mnt.join("big"))]).await;
     let remote_left = entries(&mnt);
     let down = cp(&[&remote("a", &src), &s(&mnt.join("big"))]).await;
     let local_left = entries(&mnt);
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    drop(full);
     let err = up.unwrap_err();
     assert!(
         format!("{err:#}").contains("no space left on device"),
@@ -521,6 +538,9 @@ fn cutting_after(bytes: i64) -> With<Cutting> {
 
 #[tokio::test]
 async fn cut_copy_leaves_old_version_and_resume_finishes_it() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     random_file(&src, 12 * 1024 * 1024);
@@ -567,7 +587,10 @@ async fn cut_copy_leaves_old_version_and_resume_finishes_it() {
     assert!(left.len() <= 1, "{left:?}");
 }
 
-/// The size of `path` once the (cut-off) server has finished writing what it received.
+/// The size of `path` once the (cut-off) server has finished writing what it received, judged by
+/// the size holding still for 100 ms. A heuristic, kept because nothing better is observable:
+/// the cut-off sftp-server does not exit (the cut stream is never dropped), and whether it has
+/// drained its input is not visible from here.
 async fn settled_size(path: &Path) -> u64 {
     let mut last = u64::MAX;
     for _ in 0..50 {
@@ -681,6 +704,9 @@ impl Opener for Hostile {
 
 #[tokio::test]
 async fn listing_names_that_escape_the_destination_are_refused() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     // ("." and ".." are the directory's own entries: skipped, never used as names.)
     for bad in ["../escape", "/etc/passwd", "a/b", "", "x\0y"] {
         let t = tempfile::tempdir().unwrap();
@@ -711,6 +737,9 @@ async fn listing_names_that_escape_the_destination_are_refused() {
 
 #[tokio::test]
 async fn json_summary_counts_files_and_bytes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     make_tree(&src);
@@ -752,6 +781,9 @@ async fn json_summary_counts_files_and_bytes() {
 
 #[tokio::test]
 async fn bench_measures_and_removes_its_files() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let opener: Arc<dyn Opener> = Arc::new(Subprocess::new().unwrap());
     let home_before = entries(Path::new("."));
     let r = vtun::transfer::bench::measure(opener, 3 << 20, 2, std::time::Duration::ZERO)
@@ -767,6 +799,9 @@ async fn bench_measures_and_removes_its_files() {
 
 #[tokio::test]
 async fn recursive_preserve_keeps_directory_times_and_modes() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     std::fs::create_dir_all(src.join("sub")).unwrap();
@@ -805,6 +840,9 @@ async fn recursive_preserve_keeps_directory_times_and_modes() {
 
 #[tokio::test]
 async fn a_directory_never_replaces_a_file() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("tree");
     std::fs::create_dir(&src).unwrap();
@@ -820,6 +858,9 @@ async fn a_directory_never_replaces_a_file() {
 
 #[tokio::test]
 async fn abandoned_copy_removes_its_temporary() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     random_file(&src, 16 * 1024 * 1024);
@@ -843,6 +884,9 @@ async fn abandoned_copy_removes_its_temporary() {
 
 #[tokio::test]
 async fn copy_within_one_host_is_identical() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     // Same host on both sides: the server copies (copy-data) when it can.
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
@@ -865,6 +909,9 @@ async fn copy_within_one_host_is_identical() {
 
 #[tokio::test]
 async fn many_sources_are_copied_concurrently_into_a_directory() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let mut args = Vec::new();
     for i in 0..60 {
@@ -896,6 +943,9 @@ async fn many_sources_are_copied_concurrently_into_a_directory() {
 /// handshake and its answer sets the request size (256 KiB at most), not the 32 KiB fallback.
 #[tokio::test]
 async fn the_servers_announced_limits_set_the_request_size() {
+    if support::rerun_in_clean_env(&[]) {
+        return;
+    }
     let host = Host::parse("vm", "vm.test").unwrap();
     let opener = LocalConnector.connect(&host).await.unwrap();
     let sftp = vtun::transfer::Sftp::connect(opener.sftp().await.unwrap())

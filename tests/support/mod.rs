@@ -1,5 +1,5 @@
-//! The test bed: real OpenSSH `sshd` processes (one per "VM", each with its own host key) on
-//! ephemeral loopback ports, a `vtun gateway` routing `<name>.vm.test` to them with a throwaway CA,
+//! The test bed: real OpenSSH `sshd` (one per "VM", each with its own host key, in inetd mode
+//! behind a loopback port the bed holds for its whole life), a `vtun gateway` routing `<name>.vm.test` to them with a throwaway CA,
 //! a user key, and in-process fault relays (cut or stall a connection) for failure tests.
 //!
 //! Everything lives in one temp dir and every process is killed on drop, also when a test panics.
@@ -12,8 +12,11 @@ pub mod fault;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
@@ -51,20 +54,35 @@ fn user_name() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+/// A loopback port held from the moment the bed is built: bound but not listening, so until the
+/// VM "boots" connections to it are refused (as on a booting VM), and no other test can take it
+/// meanwhile — a port picked, freed and re-bound later can be lost to a parallel test.
+pub fn reserve_port() -> (OwnedFd, u16) {
+    // SAFETY: plain socket calls on a descriptor this function creates and then owns; the address
+    // structs are plain data, zeroed and sized as the kernel expects.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let sa = &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr;
+        let rc = libc::bind(fd.as_raw_fd(), sa, len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let rc = libc::getsockname(fd.as_raw_fd(), sa, &mut len);
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        (fd, u16::from_be(addr.sin_port))
+    }
 }
 
-fn wait_for_port(port: u16, timeout: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+/// Start listening on a socket from [`reserve_port`].
+fn listen(fd: OwnedFd) -> TcpListener {
+    // SAFETY: listen() on a bound socket this function owns; no memory is involved.
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), 128) };
+    assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+    TcpListener::from(fd)
 }
 
 pub fn keygen(path: &Path, kind: &str) {
@@ -77,12 +95,37 @@ pub fn keygen(path: &Path, kind: &str) {
     assert!(st.success(), "ssh-keygen failed");
 }
 
-/// One "VM": an sshd with its own host key.
+/// One "VM": OpenSSH's sshd with its own host key, run in inetd mode (`sshd -i`, one process per
+/// connection) behind a listener the bed owns. The bed never lets go of the port, so tests
+/// running in parallel cannot steal it between picking and binding, and a restart keeps it.
 pub struct Vm {
     pub name: String,
     pub port: u16,
     pub dir: PathBuf,
-    child: Option<Child>,
+    /// The reserved port until the VM first starts.
+    reserved: Option<OwnedFd>,
+    sshd: Arc<Sshd>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the accept loop shares with its [`Vm`].
+struct Sshd {
+    /// New connections get an sshd (true) or are closed at once (a VM that is down).
+    running: AtomicBool,
+    /// The bed is going away: the accept loop ends.
+    closing: AtomicBool,
+    sessions: Mutex<Vec<Child>>,
+}
+
+impl Sshd {
+    fn kill_sessions(&self) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for c in sessions.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        sessions.clear();
+    }
 }
 
 impl Vm {
@@ -102,24 +145,35 @@ impl Vm {
     }
 
     fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.join("sshd.log")).expect("log");
-        let child = Command::new(sshd_bin())
-            .args(["-D", "-e", "-f"])
-            .arg(self.dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start sshd");
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
+        self.sshd.running.store(true, Ordering::SeqCst);
+        let Some(fd) = self.reserved.take() else {
+            return; // already listening (a restart)
+        };
+        let listener = listen(fd);
+        let sshd = self.sshd.clone();
+        let config = self.dir.join("sshd_config");
+        let log = self.dir.join("sshd.log");
+        self.acceptor = Some(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sshd.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                if !sshd.running.load(Ordering::SeqCst) {
+                    continue; // dropped: a VM that is down closes the connection
+                }
+                let child = spawn_sshd(&config, &log, conn);
+                let mut sessions = sshd.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                sessions.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+                sessions.extend(child);
+            }
+        }));
     }
 
+    /// New connections are closed and open sessions killed, as when a VM goes down.
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.sshd.running.store(false, Ordering::SeqCst);
+        self.sshd.kill_sessions();
     }
 
     /// Replace the host key (the "VM was rebuilt" case) and restart sshd.
@@ -130,6 +184,38 @@ impl Vm {
         keygen(&self.dir.join("host_key"), "ed25519");
         self.start();
     }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.sshd.closing.store(true, Ordering::SeqCst);
+        if let Some(t) = self.acceptor.take() {
+            // Wake the blocked accept() so the loop sees `closing` and drops the listener.
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+            let _ = t.join();
+        }
+        self.stop();
+    }
+}
+
+/// One inetd-mode sshd serving `conn` on its stdin and stdout.
+fn spawn_sshd(config: &Path, log: &Path, conn: TcpStream) -> Option<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .ok()?;
+    let input = conn.try_clone().ok()?;
+    Command::new(sshd_bin())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(["-i", "-e", "-f"])
+        .arg(config)
+        .stdin(OwnedFd::from(input))
+        .stdout(OwnedFd::from(conn))
+        .stderr(log)
+        .spawn()
+        .ok()
 }
 
 #[derive(Default)]
@@ -187,7 +273,7 @@ impl Builder {
         let user_key = root.join("id_ed25519");
         keygen(&user_key, "ed25519");
         let authorized = std::fs::read_to_string(root.join("id_ed25519.pub")).expect("pub");
-        if unsafe_is_root() {
+        if is_root() {
             let _ = std::fs::create_dir_all("/run/sshd");
         }
         let user = user_name();
@@ -199,14 +285,19 @@ impl Builder {
             keygen(&dir.join("host_key"), "ed25519");
             std::fs::create_dir_all(dir.join("home")).expect("vm home");
             std::fs::write(dir.join("authorized_keys"), &authorized).expect("authorized_keys");
-            let port = free_port();
-            std::fs::write(dir.join("sshd_config"), sshd_config(&dir, port, &user))
-                .expect("sshd_config");
+            let (reserved, port) = reserve_port();
+            std::fs::write(dir.join("sshd_config"), sshd_config(&dir, &user)).expect("sshd_config");
             let mut vm = Vm {
                 name: name.clone(),
                 port,
                 dir,
-                child: None,
+                reserved: Some(reserved),
+                sshd: Arc::new(Sshd {
+                    running: AtomicBool::new(false),
+                    closing: AtomicBool::new(false),
+                    sessions: Mutex::new(Vec::new()),
+                }),
+                acceptor: None,
             };
             if *started {
                 vm.start();
@@ -273,9 +364,11 @@ impl Builder {
             .expect("start gateway");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
+        let watchdog = Watchdog::new(&child, Duration::from_secs(30));
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("gateway address");
+        drop(watchdog);
         let gateway_addr: SocketAddr = line
             .trim()
             .parse()
@@ -299,15 +392,44 @@ impl Builder {
     }
 }
 
-fn unsafe_is_root() -> bool {
-    user_name() == "root"
+/// Whether the tests run as root (as CI does): root ignores permission bits, so a test of a
+/// refused write needs a file system that refuses it (see [`Tmpfs`]).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid() cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
 }
 
-fn sshd_config(dir: &Path, port: u16, user: &str) -> String {
+/// A tmpfs mounted at a directory for one test (`size=1m` for a full disk, `ro` for a read-only
+/// one), unmounted on drop. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    #[track_caller]
+    pub fn mount(dir: &Path, options: &str) -> Tmpfs {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs -o {options} {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn sshd_config(dir: &Path, user: &str) -> String {
     format!(
-        "Port {port}\n\
-         ListenAddress 127.0.0.1\n\
-         HostKey {dir}/host_key\n\
+        "HostKey {dir}/host_key\n\
          PidFile none\n\
          AuthorizedKeysFile {dir}/authorized_keys\n\
          StrictModes no\n\
@@ -318,7 +440,6 @@ fn sshd_config(dir: &Path, port: u16, user: &str) -> String {
          KbdInteractiveAuthentication no\n\
          Subsystem sftp internal-sftp\n\
          LogLevel ERROR\n\
-         MaxStartups 200:30:400\n\
          MaxSessions 64\n\
          AcceptEnv VTUN_TEST_*\n\
          SetEnv HOME={dir}/home\n\
@@ -527,15 +648,23 @@ impl TestBed {
     }
 
     /// SSH stream bytes (up, down) the gateway carried on connections that closed since `mark`.
-    /// Waits briefly: the gateway logs a connection when both directions have closed.
+    /// The gateway logs a connection's bytes once both directions have closed, which can be a
+    /// moment after the client exits: this waits until every connection opened since `mark` has
+    /// its `closed` line.
     pub fn wire_bytes_since(&self, mark: usize) -> (u64, u64) {
-        std::thread::sleep(Duration::from_millis(300));
-        let log = self.gateway_log();
+        let since = |log: &str| log[mark.min(log.len())..].to_string();
+        let count = |log: &str, what: &str| log.lines().filter(|l| l.contains(what)).count();
+        wait_until(
+            Duration::from_secs(20),
+            "gateway logs every connection closed",
+            || {
+                let log = since(&self.gateway_log());
+                count(&log, " closed up=") >= count(&log, " connected ").max(1)
+            },
+        );
+        let log = since(&self.gateway_log());
         let (mut up, mut down) = (0, 0);
-        for line in log[mark.min(log.len())..]
-            .lines()
-            .filter(|l| l.contains("closed"))
-        {
+        for line in log.lines().filter(|l| l.contains(" closed up=")) {
             for field in line.split_whitespace() {
                 let num = |v: &str| v.trim_end_matches(',').parse::<u64>().unwrap_or(0);
                 if let Some(v) = field.strip_prefix("up=") {
@@ -555,9 +684,7 @@ impl Drop for TestBed {
             let _ = g.kill();
             let _ = g.wait();
         }
-        for vm in &mut self.vms {
-            vm.stop();
-        }
+        // Each Vm stops its sshd sessions and listener as it drops.
     }
 }
 
@@ -590,43 +717,297 @@ impl Out {
     }
 }
 
+/// Poll `done` until it holds, failing the test with `what` after `limit`: the way to wait for
+/// something observable instead of sleeping and hoping.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running child whose stdout and stderr are collected as they arrive, so a test can wait for
+/// a line to appear and every wait has a deadline (a hung child fails the test, with the output
+/// it had printed, instead of hanging CI).
+pub struct Spawned {
+    child: Child,
+    what: String,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn collect(
+    mut from: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            into.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+impl Spawned {
+    /// Spawn `cmd` (stdin as configured) with stdout and stderr piped to the collectors.
+    pub fn start(cmd: &mut Command) -> Spawned {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            readers.push(collect(o, stdout.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            readers.push(collect(e, stderr.clone()));
+        }
+        Spawned {
+            child,
+            what: format!("{cmd:?}"),
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout_so_far(&self) -> Vec<u8> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Wait until stdout contains `text`, failing the test after `limit`.
+    #[track_caller]
+    pub fn wait_for_stdout(&mut self, text: &str, limit: Duration) {
+        self.wait_for(limit, text, |s| {
+            String::from_utf8_lossy(&s.stdout_so_far()).contains(text)
+        });
+    }
+
+    /// Wait until stderr contains `text`, failing the test after `limit`.
+    #[track_caller]
+    pub fn wait_for_stderr(&mut self, text: &str, limit: Duration) {
+        self.wait_for(limit, text, |s| s.stderr_so_far().contains(text));
+    }
+
+    #[track_caller]
+    fn wait_for(&mut self, limit: Duration, text: &str, seen: impl Fn(&Self) -> bool) {
+        let start = Instant::now();
+        while !seen(self) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // One last look: the text may have arrived with the exit.
+                std::thread::sleep(Duration::from_millis(50));
+                if seen(self) {
+                    return;
+                }
+                panic!(
+                    "{} exited ({st:?}) without printing {text:?}\n{}",
+                    self.what,
+                    self.so_far()
+                );
+            }
+            if start.elapsed() > limit {
+                self.kill();
+                panic!(
+                    "{} did not print {text:?} within {limit:?}\n{}",
+                    self.what,
+                    self.so_far()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn so_far(&self) -> String {
+        format!(
+            "stdout so far: {}\nstderr so far: {}",
+            String::from_utf8_lossy(&self.stdout_so_far()),
+            self.stderr_so_far()
+        )
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the exit; after `limit` kill the child and fail the test with its output so far.
+    #[track_caller]
+    pub fn wait(mut self, limit: Duration) -> Out {
+        let start = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) => {}
+                Err(e) => panic!("wait for {}: {e}", self.what),
+            }
+            if start.elapsed() > limit {
+                self.kill();
+                panic!("{} timed out after {limit:?}\n{}", self.what, self.so_far());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The pipes close when the last writer goes; a grandchild that keeps one open fails
+        // the wait in the same time budget instead of hanging it.
+        for r in std::mem::take(&mut self.readers) {
+            while !r.is_finished() {
+                if start.elapsed() > limit {
+                    panic!(
+                        "{} exited ({status:?}) but its output stayed open after {limit:?}\n{}",
+                        self.what,
+                        self.so_far()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = r.join();
+        }
+        Out {
+            status,
+            stdout: self.stdout_so_far(),
+            stderr: self.stderr_so_far(),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Kills `pid` with SIGKILL if it still runs after `limit`, so a blocking read or write on a
+/// child's pipe ends (and the test fails) instead of hanging. Disarmed on drop.
+pub struct Watchdog {
+    cancel: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn new(child: &Child, limit: Duration) -> Watchdog {
+        let pid = child.id() as libc::pid_t;
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+                eprintln!("watchdog: killing pid {pid} after {limit:?}");
+                // SAFETY: kill() takes no memory. The pid is still this child's: a watchdog is
+                // armed only around reads and writes, and dropped before the child is waited for.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        Watchdog {
+            cancel: Some(cancel),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.cancel.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Run to completion (stdin as configured), capturing output, failing the test after `limit`.
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Out {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let mut so = child.stdout.take().expect("stdout");
-    let mut se = child.stderr.take().expect("stderr");
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("command timed out after {limit:?}: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Out {
-        status,
-        stdout: t1.join().expect("join"),
-        stderr: String::from_utf8_lossy(&t2.join().expect("join")).into_owned(),
-    }
+    Spawned::start(cmd).wait(limit)
 }
 
 pub fn run(cmd: &mut Command) -> Out {
     run_with_timeout(cmd, Duration::from_secs(120))
+}
+
+/// Child processes of this process that are still running (zombies have finished: they no
+/// longer touch anything). In a test run by [`rerun_in_clean_env`] these are the test's own.
+pub fn live_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut live = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = read(&e.path().join("stat"));
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after
+        // the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(me.to_string().as_str()) && state != Some("Z") {
+            live.push(pid);
+        }
+    }
+    live
+}
+
+/// Set in the child that [`rerun_in_clean_env`] starts: the test name it runs.
+const CLEAN_CHILD: &str = "VTUN_TEST_CLEAN_CHILD";
+
+/// The first line of an in-process test (`if rerun_in_clean_env(&[]) { return; }`): runs this
+/// test again in a child process of the test binary whose environment holds only PATH, a fresh
+/// empty HOME and TMPDIR, and `env`. Returns true in the parent once the child passed (the test
+/// is done), false in the child (run the body).
+///
+/// Code under test in-process reads the process environment (clap's `VTUN_*` defaults,
+/// SSH_AUTH_SOCK, HOME, the agent's overrides): whatever the developer or CI has set would leak
+/// in, and `set_var` to clear it is unsound while the harness runs tests on other threads.
+pub fn rerun_in_clean_env(env: &[(&str, &std::ffi::OsStr)]) -> bool {
+    let name = std::thread::current()
+        .name()
+        .expect("libtest names each test's thread after the test")
+        .to_string();
+    if std::env::var_os(CLEAN_CHILD).is_some_and(|n| n == name.as_str()) {
+        return false;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("vtun-clean-env-")
+        .tempdir()
+        .expect("tempdir");
+    for d in ["home", "tmp"] {
+        std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([&name, "--exact", "--nocapture", "--test-threads=1"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir.path().join("home"))
+        .env("TMPDIR", dir.path().join("tmp"))
+        .env(CLEAN_CHILD, &name)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(300));
+    let report = format!(
+        "{name} in a clean environment: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        out.stdout_str(),
+        out.stderr
+    );
+    assert!(out.status.success(), "{report}");
+    // A name that matched no test would "pass" having run nothing.
+    assert!(out.stdout_str().contains("1 passed"), "{report}");
+    true
 }
 
 /// Write all dirty data back to disk (`sync`) before a timed benchmark cell, so no cell pays for
@@ -678,9 +1059,11 @@ impl GatewayProc {
             .expect("start gateway");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
+        let watchdog = Watchdog::new(&child, Duration::from_secs(30));
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("gateway address");
+        drop(watchdog);
         let addr = line.trim().parse().expect("gateway did not start");
         GatewayProc { addr, child }
     }
