@@ -21,32 +21,15 @@ fn with_closed_stdout(cmd: &mut Command) -> (i32, String) {
         std::os::fd::OwnedFd::from_raw_fd(fds[1])
     };
     cmd.stdout(w).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let out = wait_output(child, Duration::from_secs(60));
-    (out.0, out.1)
-}
-
-/// Exit code and stderr, or the test fails after `limit` (the child is killed first).
-fn wait_output(mut child: std::process::Child, limit: Duration) -> (i32, String) {
-    let mut se = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut se, &mut s);
-        s
-    });
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("timed out after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (status.code().unwrap_or(-1), reader.join().unwrap())
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = String::new();
+    {
+        // A hung child is killed, which ends the read, and the test fails on its status.
+        let _watchdog = Watchdog::new(&child, Duration::from_secs(60));
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    }
+    let status = child.wait().unwrap();
+    (status.code().unwrap_or(-1), stderr)
 }
 
 fn bare() -> Command {
