@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod remote;
 pub mod run;
 pub mod settings;
+pub mod sftp;
 pub mod ssh;
 pub mod sshconfig;
 pub mod sync;

@@ -1,5 +1,5 @@
 //! The remote side of a sync without an agent (`--no-agent`, or a host that cannot run one):
-//! the same [`Endpoint`] over plain SFTP, built on the transfer module's client.
+//! the same [`Endpoint`] over plain SFTP, built on the shared pipelined client in `crate::sftp`.
 //!
 //! Without code on the far side there are no signatures and no remote hashes, so every changed
 //! file is sent whole and `-c` is refused. SFTP v3 carries mtimes in whole seconds: listings say

@@ -18,9 +18,9 @@ use tokio::sync::OnceCell;
 
 use super::handle::{attrs_for, file_times};
 pub use super::handle::{Reader, Writer};
-use super::proto::{self, Attrs};
-use super::sftp::{self, Sftp};
 use crate::remote::Opener;
+use crate::sftp::proto::{self, Attrs};
+use crate::sftp::{self, Sftp};
 
 /// What kind of entry a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

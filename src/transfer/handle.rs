@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::fs::io_text;
-use super::proto::Attrs;
-use super::sftp::{Handle, Sftp};
+use crate::sftp::proto::Attrs;
+use crate::sftp::{Handle, Sftp};
 
 /// An open source file; reads are positional so ranges can share it.
 pub enum Reader {
