@@ -18,6 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
+use super::caps;
 use super::proto::{self, put_str, Attrs, Parser};
 use crate::remote::RemoteIo;
 
@@ -168,6 +169,34 @@ fn expect(kind: u8, want: u8, p: &mut Parser) -> Result<()> {
         return Err(SftpError::Status { code, message }.into());
     }
     bail!("unexpected SFTP reply {kind} (wanted {want})")
+}
+
+/// A DATA reply may be shorter than asked, never longer.
+fn check_data_len(got: usize, asked: u32) -> Result<()> {
+    if got > asked as usize {
+        bail!("sftp server sent {got} bytes for a {asked}-byte read");
+    }
+    Ok(())
+}
+
+/// A listing name must name one entry inside the directory listed.
+fn check_name(name: &[u8]) -> Result<()> {
+    let shown = || String::from_utf8_lossy(name).into_owned();
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        bail!(
+            "refusing unsafe name {:?} (it would escape the destination)",
+            shown()
+        );
+    }
+    if name.len() > caps::NAME_LEN {
+        bail!(
+            "refusing a {}-byte name {:?}… (names are at most {} bytes)",
+            name.len(),
+            String::from_utf8_lossy(&name[..32]),
+            caps::NAME_LEN
+        );
+    }
+    Ok(())
 }
 
 fn path_bytes(p: &Path) -> &[u8] {
@@ -410,8 +439,11 @@ impl Sftp {
         expect_ok(k, &mut p)
     }
 
-    /// Every entry of directory `path` except `.` and `..` as the server names them (the
-    /// caller still validates names: a hostile server may send anything).
+    /// Every entry of directory `path` except `.` and `..`, each name one plain component
+    /// (non-empty, no `/` or NUL, at most [`caps::NAME_LEN`] bytes). Two READDIRs are kept in
+    /// flight and the CLOSE is not waited for, so a small directory costs two round trips
+    /// (OPENDIR, then READDIR), not four. Bounded by [`caps::DIR_ENTRIES`] and
+    /// [`caps::EMPTY_REPLIES`]: a server cannot make one listing endless.
     pub async fn read_dir(&self, path: &Path) -> Result<Vec<DirEntry>> {
         let (k, mut p) = self
             .call(proto::OPENDIR, |b| put_str(b, path_bytes(path)))
@@ -419,31 +451,106 @@ impl Sftp {
         expect(k, proto::HANDLE, &mut p)?;
         let handle = p.string()?;
         let mut out = Vec::new();
-        let result = async {
-            loop {
-                let (k, mut p) = self.call(proto::READDIR, |b| put_str(b, &handle)).await?;
-                if k == proto::STATUS {
-                    match status(&mut p)? {
-                        (proto::FX_EOF, _) => return Ok(()),
-                        (code, message) => return Err(SftpError::Status { code, message }.into()),
-                    }
-                }
-                expect(k, proto::NAME, &mut p)?;
-                let count = p.u32()?;
-                for _ in 0..count {
-                    let name = p.string()?;
-                    let _long = p.string()?;
-                    let attrs = p.attrs()?;
-                    if &name[..] != b"." && &name[..] != b".." {
-                        out.push(DirEntry { name, attrs });
-                    }
+        let result = self.read_dir_entries(&handle, &mut out).await;
+        // Nothing depends on the CLOSE: its reply is dropped when it arrives.
+        let closed = self.send(proto::CLOSE, |b| put_str(b, &handle), None);
+        result.and(closed.map(drop))?;
+        Ok(out)
+    }
+
+    async fn read_dir_entries(&self, handle: &Handle, out: &mut Vec<DirEntry>) -> Result<()> {
+        let readdir = || self.send(proto::READDIR, |b| put_str(b, handle), None);
+        let mut next = readdir()?;
+        let mut empty = 0;
+        loop {
+            let (k, mut p) = std::mem::replace(&mut next, readdir()?).get().await?;
+            if k == proto::STATUS {
+                return match status(&mut p)? {
+                    (proto::FX_EOF, _) => Ok(()),
+                    (code, message) => Err(SftpError::Status { code, message }.into()),
+                };
+            }
+            expect(k, proto::NAME, &mut p)?;
+            let count = p.u32()? as usize;
+            // Each entry takes at least 12 bytes (two empty strings and the attribute flags).
+            if count > p.remaining() / 12 {
+                bail!(
+                    "malformed SFTP listing: {count} entries in {} bytes",
+                    p.remaining()
+                );
+            }
+            if count == 0 {
+                empty += 1;
+                if empty > caps::EMPTY_REPLIES {
+                    bail!(
+                        "sftp server sends empty directory listings without end; refusing to \
+                         continue"
+                    );
                 }
             }
+            for _ in 0..count {
+                let name = p.string()?;
+                let _long = p.string()?;
+                let attrs = p.attrs()?;
+                if &name[..] == b"." || &name[..] == b".." {
+                    continue;
+                }
+                check_name(&name)?;
+                if out.len() >= caps::DIR_ENTRIES {
+                    bail!(
+                        "sftp server lists more than {} entries in one directory; refusing to \
+                         continue",
+                        caps::DIR_ENTRIES
+                    );
+                }
+                out.push(DirEntry { name, attrs });
+            }
         }
-        .await;
-        let closed = self.close(&handle).await;
-        result.and(closed)?;
-        Ok(out)
+    }
+
+    /// Read `len` bytes at `offset`: the READ is on the wire when this returns, and the future
+    /// yields fewer bytes only at end of file. A full first reply is returned as it arrived (a
+    /// slice of the packet, no copy). A short one is legal, so the rest is asked for, but only
+    /// [`caps::follow_ups`] times: a server that answers a few bytes per reply is refused
+    /// rather than allowed to cost a round trip per few bytes.
+    pub fn read(
+        &self,
+        handle: &Handle,
+        offset: u64,
+        len: u32,
+    ) -> Result<impl std::future::Future<Output = Result<Bytes>> + Send + 'static> {
+        let first = self.read_start(handle, offset, len)?;
+        let (c, h) = (self.clone(), handle.clone());
+        Ok(async move {
+            let Some(data) = first.data().await? else {
+                return Ok(Bytes::new());
+            };
+            check_data_len(data.len(), len)?;
+            if data.len() == len as usize {
+                return Ok(data);
+            }
+            let mut buf = BytesMut::from(&data[..]);
+            let mut replies = 1u32;
+            while buf.len() < len as usize {
+                if replies > caps::follow_ups(len) {
+                    bail!(
+                        "sftp server returns {}-byte reads (asked for {len}); refusing to continue",
+                        buf.len() as u32 / replies
+                    );
+                }
+                let want = len - buf.len() as u32;
+                let more = c.read_start(&h, offset + buf.len() as u64, want)?;
+                replies += 1;
+                match more.data().await? {
+                    Some(more) if !more.is_empty() => {
+                        check_data_len(more.len(), want)?;
+                        buf.extend_from_slice(&more);
+                    }
+                    _ => break,
+                }
+            }
+            Ok(buf.freeze())
+        })
     }
 
     pub async fn mkdir(&self, path: &Path, attrs: &Attrs) -> Result<()> {

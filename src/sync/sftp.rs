@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
@@ -27,6 +28,8 @@ use crate::transfer::RemoteFs;
 
 /// Reads or writes in flight per file: hides the round trip on a long link.
 const DEPTH: usize = 16;
+/// READLINKs (and stale-temp removals) in flight during a listing.
+const LINKS_IN_FLIGHT: usize = 64;
 
 /// A sync root on a remote host, reached over SFTP only.
 pub struct SftpEndpoint {
@@ -114,52 +117,99 @@ impl SftpEndpoint {
                 .await?
                 .with_context(|| format!("{}: dangling symlink", self.fs.show(&top)))?;
         }
-        // Depth first with children sorted: the same pre-order as a local walk.
-        let mut stack = vec![(opts.start.clone(), meta)];
-        while let Some((rel, meta)) = stack.pop() {
-            let Some(entry) = self.entry(&rel, &meta).await? else {
-                continue;
-            };
-            let is_dir = entry.is_dir();
-            listing.entries.push(entry);
-            if !is_dir {
-                continue;
-            }
-            let dir = self.at(&rel);
-            let mut children = Vec::new();
-            for (name, m) in self.fs.read_dir(&dir).await? {
-                let Some(name) = name.to_str() else {
-                    tracing::warn!("skipping non-UTF-8 name {name:?} in {}", self.fs.show(&dir));
-                    continue;
+        let top_target = match meta.kind {
+            FsKind::Symlink => Some(self.fs.read_link(&top).await?),
+            _ => None,
+        };
+        let top_entry = self.entry(&opts.start, &meta, top_target)?;
+        let is_dir = top_entry.as_ref().is_some_and(Entry::is_dir);
+        listing.entries.extend(top_entry);
+        if !is_dir {
+            return Ok(listing);
+        }
+        // The whole subtree in one pipelined walk (many directories listed at once), sorted
+        // into the same pre-order as a local walk.
+        let Fs::Remote(remote) = &self.fs else {
+            bail!("not remote");
+        };
+        let (mut temps, mut bad) = (Vec::new(), None);
+        let found = remote
+            .walk(&top, |rel, m| {
+                let Some(rel_str) = rel.to_str() else {
+                    tracing::warn!("skipping non-UTF-8 name {rel:?} in {}", self.fs.show(&top));
+                    return false;
                 };
+                let name = rel_str.rsplit('/').next().unwrap_or(rel_str);
                 if is_temp_name(name) {
                     if opts.clean_temps && m.kind != FsKind::Dir {
-                        let p = dir.join(name);
-                        if let Err(e) = self.fs.remove(&p).await {
-                            tracing::warn!("cannot remove stale {}: {e:#}", self.fs.show(&p));
-                        }
+                        temps.push(top.join(rel));
                     }
-                    continue;
+                    return false;
                 }
-                let child = rel.join(name)?;
-                if excludes.is_excluded(child.as_str(), m.kind == FsKind::Dir) {
-                    continue;
+                match beneath(&opts.start, rel_str) {
+                    Ok(child) => !excludes.is_excluded(child.as_str(), m.kind == FsKind::Dir),
+                    Err(e) => {
+                        bad.get_or_insert(e);
+                        false
+                    }
                 }
-                children.push((child, m));
+            })
+            .await?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        self.remove_temps(temps).await;
+        // Symlink targets: one READLINK each, many in flight together.
+        let mut reads = Vec::new();
+        for (rel, m) in &found {
+            let (fs, p, link) = (&self.fs, top.join(rel), m.kind == FsKind::Symlink);
+            reads.push(async move {
+                match link {
+                    true => Some(fs.read_link(&p).await),
+                    false => None,
+                }
+            });
+        }
+        let targets: Vec<Option<Result<PathBuf>>> = futures::stream::iter(reads)
+            .buffered(LINKS_IN_FLIGHT)
+            .collect()
+            .await;
+        for ((rel, m), target) in found.iter().zip(targets) {
+            let rel = rel.to_str().context("non-UTF-8 path in the walk")?;
+            let rel = beneath(&opts.start, rel)?;
+            if let Some(e) = self.entry(&rel, m, target.transpose()?)? {
+                listing.entries.push(e);
             }
-            children.sort_by(|a, b| b.0.cmp(&a.0));
-            stack.extend(children);
         }
         Ok(listing)
     }
 
-    async fn entry(&self, rel: &RelPath, m: &Meta) -> Result<Option<Entry>> {
+    /// Remove temporary files an interrupted sync left (a failure is only a warning).
+    async fn remove_temps(&self, temps: Vec<PathBuf>) {
+        let mut removals = Vec::new();
+        for p in temps {
+            let fs = &self.fs;
+            removals.push(async move {
+                if let Err(e) = fs.remove(&p).await {
+                    tracing::warn!("cannot remove stale {}: {e:#}", fs.show(&p));
+                }
+            });
+        }
+        let _: Vec<()> = futures::stream::iter(removals)
+            .buffer_unordered(LINKS_IN_FLIGHT)
+            .collect()
+            .await;
+    }
+
+    /// The listing entry for `rel`; `target` is a symlink's target, read by the caller.
+    fn entry(&self, rel: &RelPath, m: &Meta, target: Option<PathBuf>) -> Result<Option<Entry>> {
         let kind = match m.kind {
             FsKind::Dir => Kind::Dir,
             FsKind::File => Kind::File { size: m.size },
             FsKind::Symlink => {
                 let p = self.at(rel);
-                let t = self.fs.read_link(&p).await?;
+                let t =
+                    target.with_context(|| format!("{}: symlink not read", self.fs.show(&p)))?;
                 let Some(target) = t.to_str() else {
                     tracing::warn!(
                         "skipping symlink {} with a non-UTF-8 target",
@@ -527,6 +577,15 @@ impl Incoming {
             }
         }
         first
+    }
+}
+
+/// `start/rel` as a path from the sync root (`rel` is relative to `start`).
+fn beneath(start: &RelPath, rel: &str) -> Result<RelPath> {
+    if start.is_root() {
+        RelPath::parse(rel)
+    } else {
+        RelPath::parse(&format!("{}/{rel}", start.as_str()))
     }
 }
 

@@ -151,6 +151,24 @@ impl RemoteFs {
         Ok(s.clone())
     }
 
+    /// Every entry under `root` that `keep` accepts, as (relative path, metadata), sorted so
+    /// each directory comes before its contents: [`sftp::walk`] on the first stream, many
+    /// directories listed at once and every cap on what the server may send applied.
+    pub async fn walk<F>(&self, root: &Path, mut keep: F) -> Result<Vec<(PathBuf, Meta)>>
+    where
+        F: FnMut(&Path, &Meta) -> bool,
+    {
+        let c = self.client(0).await?;
+        let entries = sftp::walk(&c, self.name(), root, |rel, e| {
+            keep(rel, &Meta::from_attrs(&e.attrs))
+        })
+        .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(rel, e)| (rel, Meta::from_attrs(&e.attrs)))
+            .collect())
+    }
+
     async fn connect(&self) -> Result<Sftp> {
         let io = self
             .opener
