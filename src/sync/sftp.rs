@@ -236,7 +236,14 @@ impl SftpEndpoint {
     }
 
     /// Stream one whole file into `out`; an error before `Start` is reported by the caller.
-    async fn send_one(&mut self, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
+    /// Stream one whole file into `out`. An error before its `Start` is the caller's to report
+    /// as a skip; `started` says whether one was sent (a file's pieces cannot be taken back).
+    async fn send_one(
+        &mut self,
+        req: &SendReq,
+        out: &mpsc::Sender<Piece>,
+        started: &mut bool,
+    ) -> Result<()> {
         let path = self.at(&req.path);
         let meta = self
             .fs
@@ -247,9 +254,9 @@ impl SftpEndpoint {
             bail!("not a regular file");
         }
         let reader = self.fs.open_read(&path, 0).await?;
-        let res = self.stream(&reader, &req.path, &meta, out).await;
+        let res = self.stream(&reader, &req.path, &meta, out, started).await;
         let closed = reader.close().await;
-        res.and(closed)
+        res.and(closed).with_context(|| self.fs.show(&path))
     }
 
     async fn stream(
@@ -258,17 +265,10 @@ impl SftpEndpoint {
         rel: &RelPath,
         meta: &Meta,
         out: &mpsc::Sender<Piece>,
+        started: &mut bool,
     ) -> Result<()> {
         let chunk = self.fs.chunk().await?.min(CHUNK as u32);
         let put = |p: Piece| async { out.send(p).await.ok().context("receiver went away") };
-        put(Piece::Start {
-            path: rel.clone(),
-            delta: false,
-            size: meta.size,
-            mode: meta.mode,
-            mtime: FileTime::from_secs(meta.mtime),
-        })
-        .await?;
         let mut h = blake3::Hasher::new();
         let mut pending = VecDeque::new();
         let mut next = 0u64;
@@ -278,10 +278,26 @@ impl SftpEndpoint {
                 pending.push_back((len, reader.read_at(next, len)?));
                 next += len as u64;
             }
-            let Some((len, read)) = pending.pop_front() else {
+            let read = pending.pop_front();
+            // The first read before `Start`: a file that cannot be read at all is skipped.
+            let got = match read {
+                Some((len, read)) => Some((len, read.await?)),
+                None => None,
+            };
+            if !*started {
+                put(Piece::Start {
+                    path: rel.clone(),
+                    delta: false,
+                    size: meta.size,
+                    mode: meta.mode,
+                    mtime: FileTime::from_secs(meta.mtime),
+                })
+                .await?;
+                *started = true;
+            }
+            let Some((len, data)) = got else {
                 break;
             };
-            let data = read.await?;
             let short = data.len() < len as usize;
             h.update(&data);
             self.wire += data.len() as u64;
@@ -619,9 +635,15 @@ impl Endpoint for SftpEndpoint {
     fn send(&mut self, reqs: Vec<SendReq>, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             for req in reqs {
-                if let Err(e) = self.send_one(&req, &out).await {
+                let mut started = false;
+                if let Err(e) = self.send_one(&req, &out, &mut started).await {
                     if out.is_closed() {
                         bail!("receiver went away");
+                    }
+                    // Half a file is on its way: the stream cannot skip it any more, so the
+                    // send stops here (the receiver drops the partial file).
+                    if started {
+                        return Err(e);
                     }
                     let skip = Piece::Skip {
                         path: req.path.clone(),
