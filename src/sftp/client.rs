@@ -830,6 +830,86 @@ mod tests {
         assert!(is_closed(&err), "{err:#}");
     }
 
+    /// Answer INIT, then every READ with `reply_len(asked)` bytes (EOF at `size`).
+    async fn reading_server(mut io: DuplexStream, size: u64, reply_len: fn(u32) -> u32) {
+        let len = io.read_u32().await.unwrap();
+        let mut init = vec![0; len as usize];
+        io.read_exact(&mut init).await.unwrap();
+        let mut version = BytesMut::new();
+        version.put_u32(5);
+        version.put_u8(proto::VERSION);
+        version.put_u32(3);
+        io.write_all(&version).await.unwrap();
+        while let Ok(len) = io.read_u32().await {
+            let mut body = vec![0; len as usize];
+            io.read_exact(&mut body).await.unwrap();
+            let mut p = Parser::new(Bytes::from(body));
+            assert_eq!(p.u8().unwrap(), proto::READ);
+            let id = p.u32().unwrap();
+            let _handle = p.string().unwrap();
+            let offset = p.u64().unwrap();
+            let asked = p.u32().unwrap();
+            let mut b = BytesMut::new();
+            if offset >= size {
+                b.put_u32(1 + 4 + 4);
+                b.put_u8(proto::STATUS);
+                b.put_u32(id);
+                b.put_u32(proto::FX_EOF);
+            } else {
+                let n = reply_len(asked).min((size - offset) as u32);
+                b.put_u32(1 + 4 + 4 + n);
+                b.put_u8(proto::DATA);
+                b.put_u32(id);
+                put_str(&mut b, &vec![b'x'; n as usize]);
+            }
+            io.write_all(&b).await.unwrap();
+        }
+    }
+
+    async fn read_from(size: u64, reply_len: fn(u32) -> u32, len: u32) -> Result<Bytes> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(reading_server(server, size, reply_len));
+        let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        sftp.read(&Bytes::from_static(b"h"), 0, len)?.await
+    }
+
+    #[tokio::test]
+    async fn short_reads_are_completed_but_one_byte_reads_are_refused() {
+        // Half a request per reply (a server with a smaller limit): filled in, no error.
+        let data = read_from(1 << 20, |asked| asked.div_ceil(2), 256 * 1024).await;
+        assert_eq!(data.unwrap().len(), 256 * 1024);
+        // A short reply at end of file is the file's end.
+        assert_eq!(read_from(100, |a| a, 4096).await.unwrap().len(), 100);
+        let err = read_from(1 << 20, |_| 1, 256 * 1024).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sftp server returns 1-byte reads (asked for 262144); refusing to continue"
+        );
+        let err = read_from(1 << 20, |a| a + 1, 4096).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sftp server sent 4097 bytes for a 4096-byte read"
+        );
+    }
+
+    #[test]
+    fn a_one_byte_server_costs_at_most_65_replies_per_256_kib() {
+        assert_eq!(caps::follow_ups(256 * 1024), 64);
+        assert_eq!(caps::follow_ups(100), 4);
+    }
+
+    #[test]
+    fn listing_names_must_be_one_plain_component() {
+        check_name(b"ok \xff name").unwrap();
+        check_name(&[b'n'; 255]).unwrap();
+        for bad in [&b""[..], b"a/b", b"/abs", b"nul\0"] {
+            let err = check_name(bad).unwrap_err().to_string();
+            assert!(err.contains("refusing unsafe name"), "{err}");
+        }
+        let err = check_name(&[b'n'; 256]).unwrap_err().to_string();
+        assert!(err.contains("256-byte name"), "{err}");
+    }
+
     #[test]
     fn status_codes_read_as_clear_words() {
         let e = SftpError::Status {
