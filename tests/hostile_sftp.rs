@@ -272,20 +272,30 @@ fn cp_refuses_a_server_that_answers_one_byte_per_read() {
     assert_one_line_failure(&out, &["evil.vm.test:/d/big", "returns 1-byte reads"]);
     c.assert_contained();
     assert!(!c.dest().join("big").exists(), "a partial file was left");
+    assert_eq!(std::fs::read(c.dest().join("ok.txt")).unwrap(), CONTENT);
     eprintln!("1-byte reads refused after {took:?}");
 }
 
+/// Sync reports a file it cannot read as one failed entry, completes the others and says the
+/// run was partial: two lines.
 #[test]
 fn sync_refuses_a_server_that_answers_one_byte_per_read() {
     let c = Case::start(|_| Scenario::OneByteReads);
     let (out, _) = c.sync();
     assert_ne!(out.code(), 0, "stderr: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "stderr: {}", out.stderr);
     assert!(
-        out.stderr
-            .contains("evil.vm.test:/d/big: sftp server returns 1-byte reads"),
+        lines[0].contains("big: evil.vm.test:/d/big: sftp server returns 1-byte reads"),
         "stderr: {}",
         out.stderr
     );
+    assert!(
+        lines[1].contains("1 entries could not be synced"),
+        "{}",
+        lines[1]
+    );
     c.assert_contained();
     assert!(!c.dest().join("big").exists(), "a partial file was left");
+    assert_eq!(std::fs::read(c.dest().join("ok.txt")).unwrap(), CONTENT);
 }

@@ -3,6 +3,9 @@
 //! and how many round trips one read may cost. Each is far beyond any real tree or server, so
 //! reaching one means the server is not behaving, and the command stops with one line saying so.
 
+/// Bytes in one reply: the largest READ we send (256 KiB) plus room for its header. OpenSSH's
+/// own limit for every message is 256 KiB; a listing reply of 100 long names is ~60 KiB.
+pub const PACKET: usize = 256 * 1024 + 16 * 1024;
 /// Entries in one directory (a `READDIR` that never says end-of-file stops here).
 pub const DIR_ENTRIES: usize = 1 << 20;
 /// Entries in one walk of a tree (memory: every entry of a walk is held at once).

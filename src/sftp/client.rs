@@ -26,8 +26,6 @@ use crate::remote::RemoteIo;
 const DEFAULT_CHUNK: u32 = 32 * 1024;
 /// Never ask for more than this per request even if the server allows it.
 const MAX_CHUNK: u32 = 256 * 1024;
-/// Refuse replies larger than this (a corrupt length would otherwise allocate gigabytes).
-const MAX_PACKET: usize = 4 * 1024 * 1024;
 
 /// An SFTP failure as the server reported it, or the stream ending.
 #[derive(Debug, thiserror::Error)]
@@ -667,8 +665,14 @@ impl Sftp {
 
 async fn read_packet<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<(u8, Parser)> {
     let len = rd.read_u32().await? as usize;
-    if len == 0 || len > MAX_PACKET {
-        bail!("malformed SFTP packet length {len}");
+    if len == 0 {
+        bail!("malformed SFTP packet length 0");
+    }
+    if len > caps::PACKET {
+        bail!(
+            "sftp server sent a {len}-byte reply (at most {} are accepted); refusing it",
+            caps::PACKET
+        );
     }
     let mut body = BytesMut::with_capacity(len);
     // read_buf fills uninitialised capacity: no zeroing of 256 KiB bodies.
@@ -908,6 +912,21 @@ mod tests {
         }
         let err = check_name(&[b'n'; 256]).unwrap_err().to_string();
         assert!(err.contains("256-byte name"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_reply_is_refused_before_it_is_read() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut tail = BytesMut::new();
+        tail.put_u32(64 * 1024 * 1024);
+        tokio::spawn(reversing_server(server, 0, tail.to_vec()));
+        let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        let err = sftp.stat(Path::new("/x")).await.unwrap_err();
+        assert!(is_closed(&err), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("67108864-byte reply"),
+            "{err:#}"
+        );
     }
 
     #[test]

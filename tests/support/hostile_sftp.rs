@@ -33,7 +33,7 @@ pub enum Scenario {
     EndlessEmpty,
     /// Every directory holds one more directory `d`: `/d/d/d/...` without end.
     EndlessDepth,
-    /// `/d` holds `big` (256 KiB), and every READ of it returns 1 byte.
+    /// `/d` holds `big` (256 KiB), every READ of which returns 1 byte, and an honest `ok.txt`.
     OneByteReads,
 }
 
@@ -272,7 +272,10 @@ impl Sftp {
                 file("x", &Node::Dir),
             ]),
             Scenario::LinkThenFile { .. } if dir == "/d/x" => Some(vec![file("pwned", &file_node)]),
-            Scenario::OneByteReads if dir == "/d" => Some(vec![file("big", &Node::File(BIG))]),
+            Scenario::OneByteReads if dir == "/d" => Some(vec![
+                file("big", &Node::File(BIG)),
+                file("ok.txt", &file_node),
+            ]),
             _ => None,
         }
     }
@@ -379,7 +382,7 @@ impl russh_sftp::server::Handler for Sftp {
             return Err(StatusCode::Eof);
         }
         let mut n = (size - offset).min(len as u64) as usize;
-        if matches!(self.scenario, Scenario::OneByteReads) {
+        if matches!(self.scenario, Scenario::OneByteReads) && handle.ends_with("/big") {
             n = n.min(1);
         }
         let data = (0..n)
