@@ -7,6 +7,9 @@
 //! routes replies to waiters by request id. Because the server executes requests in the order it
 //! receives them, writes started in offset order land in offset order, which is what `--resume`
 //! relies on. DATA replies are slices of the received packet, never copied again.
+//!
+//! What the server controls is bounded here ([`super::caps`]): the size of any reply, the
+//! entries and names of a listing, and how many replies one short read may take.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

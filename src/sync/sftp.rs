@@ -6,7 +6,9 @@
 //! so ([`Listing::mtime_seconds`]) and the plan compares seconds. Writes follow the agent's rules:
 //! each parent under the root is `lstat`ed to be a real directory before anything is created,
 //! content lands in a `.vtun-tmp.*` file beside its target and is renamed over it (posix-rename)
-//! only after its hash checks out, and metadata is never set through a symlink.
+//! only after its hash checks out, and metadata is never set through a symlink. Listings use
+//! cp's walk ([`crate::sftp::walk`]: many directories at once, every cap on what the server may
+//! send), so a tree costs round trips by its depth, not by its number of directories.
 
 use crate::fs::FileTime;
 use std::collections::{HashSet, VecDeque};
