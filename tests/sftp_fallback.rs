@@ -54,3 +54,41 @@ fn no_agent_listing_does_not_pay_a_round_trip_per_directory() {
         "a no-change sync took {took:?} (bound {bound:?})"
     );
 }
+
+/// A directory replaced by a file over SFTP: the old tree is removed (one walk), a symlink in it
+/// as a link, so what it points at stays.
+#[test]
+fn no_agent_replacing_a_tree_removes_it_but_not_what_its_links_point_at() {
+    let bed = TestBed::builder().vm("a").start();
+    let src = bed.dir("src");
+    let keep = bed.dir("keep");
+    std::fs::write(keep.join("precious"), b"keep me").unwrap();
+    std::fs::write(src.join("top"), b"top").unwrap();
+    for i in 0..3 {
+        let d = src.join(format!("gone/sub{i}/deeper"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), b"f").unwrap();
+    }
+    std::os::unix::fs::symlink(&keep, src.join("gone/sub0/link")).unwrap();
+    let dst = bed.dir("dst");
+    let (from, to) = (
+        format!("{}/", src.display()),
+        format!("a:{}/", dst.display()),
+    );
+    let sync = |extra: &[&str]| {
+        let mut cmd = bed.vtun();
+        cmd.args(["sync", "--no-agent"])
+            .args(extra)
+            .args([&from, &to]);
+        run_with_timeout(&mut cmd, Duration::from_secs(120))
+    };
+    sync(&[]).assert_ok();
+    assert!(dst.join("gone/sub2/deeper/f").exists());
+    assert!(dst.join("gone/sub0/link").is_symlink());
+
+    std::fs::remove_dir_all(src.join("gone")).unwrap();
+    std::fs::write(src.join("gone"), b"now a file").unwrap();
+    sync(&[]).assert_ok();
+    assert_eq!(std::fs::read(dst.join("gone")).unwrap(), b"now a file");
+    assert_eq!(std::fs::read(keep.join("precious")).unwrap(), b"keep me");
+}

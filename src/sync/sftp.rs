@@ -30,8 +30,8 @@ use crate::transfer::RemoteFs;
 
 /// Reads or writes in flight per file: hides the round trip on a long link.
 const DEPTH: usize = 16;
-/// READLINKs (and stale-temp removals) in flight during a listing.
-const LINKS_IN_FLIGHT: usize = 64;
+/// READLINKs or removals in flight at once.
+const IN_FLIGHT: usize = 64;
 
 /// A sync root on a remote host, reached over SFTP only.
 pub struct SftpEndpoint {
@@ -173,7 +173,7 @@ impl SftpEndpoint {
             });
         }
         let targets: Vec<Option<Result<PathBuf>>> = futures::stream::iter(reads)
-            .buffered(LINKS_IN_FLIGHT)
+            .buffered(IN_FLIGHT)
             .collect()
             .await;
         for ((rel, m), target) in found.iter().zip(targets) {
@@ -198,7 +198,7 @@ impl SftpEndpoint {
             });
         }
         let _: Vec<()> = futures::stream::iter(removals)
-            .buffer_unordered(LINKS_IN_FLIGHT)
+            .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
     }
@@ -392,25 +392,32 @@ impl SftpEndpoint {
             .with_context(|| self.fs.show(p))
     }
 
-    /// Remove a directory tree without following symlinks in it.
+    /// Remove a directory tree without following symlinks in it: one bounded walk, the
+    /// non-directories removed many at a time, then the directories deepest first.
     async fn remove_tree(&self, dir: &Path) -> Result<()> {
-        let mut stack = vec![(dir.to_path_buf(), false)];
-        while let Some((d, listed)) = stack.pop() {
-            if listed {
-                self.rmdir(&d).await?;
-                continue;
-            }
-            stack.push((d.clone(), true));
-            for (name, m) in self.fs.read_dir(&d).await? {
-                let p = d.join(name);
-                if m.kind == FsKind::Dir {
-                    stack.push((p, false));
-                } else {
-                    self.fs.remove(&p).await?;
-                }
+        let Fs::Remote(remote) = &self.fs else {
+            bail!("not remote");
+        };
+        let entries = remote.walk(dir, |_, _| true).await?;
+        let mut removals = Vec::new();
+        for (rel, m) in &entries {
+            if m.kind != FsKind::Dir {
+                let (fs, p) = (&self.fs, dir.join(rel));
+                removals.push(async move { fs.remove(&p).await });
             }
         }
-        Ok(())
+        let removed: Vec<Result<()>> = futures::stream::iter(removals)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        removed.into_iter().collect::<Result<Vec<()>>>()?;
+        // Pre-order reversed: every directory after everything inside it.
+        for (rel, m) in entries.iter().rev() {
+            if m.kind == FsKind::Dir {
+                self.rmdir(&dir.join(rel)).await?;
+            }
+        }
+        self.rmdir(dir).await
     }
 
     async fn receive_all(&mut self, mut input: mpsc::Receiver<Piece>) -> RecvReport {
