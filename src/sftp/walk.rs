@@ -16,21 +16,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
+use super::proto::Attrs;
 use super::{caps, DirEntry, Sftp};
 
 /// Directory listings in flight at once.
 const CONCURRENCY: usize = 16;
 
 /// Every entry under `root` (not including it) that `keep` accepts, as (path relative to
-/// `root`, entry), sorted by path so each directory precedes its contents. Directories `keep`
+/// `root`, attributes), sorted by path so each directory precedes its contents. Directories `keep`
 /// rejects are not descended; symlinks are reported, never followed. `host` names the server in
 /// errors (`host:path: why`).
-pub async fn walk<F>(
-    sftp: &Sftp,
-    host: &str,
-    root: &Path,
-    keep: F,
-) -> Result<Vec<(PathBuf, DirEntry)>>
+pub async fn walk<F>(sftp: &Sftp, host: &str, root: &Path, keep: F) -> Result<Vec<(PathBuf, Attrs)>>
 where
     F: FnMut(&Path, &DirEntry) -> bool,
 {
@@ -54,7 +50,7 @@ async fn walk_within<F>(
     root: &Path,
     mut keep: F,
     bounds: Bounds,
-) -> Result<Vec<(PathBuf, DirEntry)>>
+) -> Result<Vec<(PathBuf, Attrs)>>
 where
     F: FnMut(&Path, &DirEntry) -> bool,
 {
@@ -105,7 +101,9 @@ where
                     bounds.entries
                 );
             }
-            out.push((child, entry));
+            // Only the attributes: the name (a slice of its reply packet) would keep the whole
+            // packet alive for as long as the walk is held.
+            out.push((child, entry.attrs));
         }
     }
     // Path order compares component by component: a pre-order walk with sorted children.
@@ -117,7 +115,7 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::sftp::proto::{self, put_str, Attrs, Parser};
+    use crate::sftp::proto::{self, put_str, Parser};
     use bytes::{BufMut, Bytes, BytesMut};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 

@@ -165,7 +165,7 @@ impl RemoteFs {
         .await?;
         Ok(entries
             .into_iter()
-            .map(|(rel, e)| (rel, Meta::from_attrs(&e.attrs)))
+            .map(|(rel, a)| (rel, Meta::from_attrs(&a)))
             .collect())
     }
 
