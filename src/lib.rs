@@ -14,6 +14,7 @@ pub mod progress;
 pub mod proxy;
 pub mod remote;
 pub mod settings;
+pub mod sftp;
 pub mod ssh;
 pub mod sshconfig;
 pub mod sync;

@@ -948,7 +948,7 @@ async fn the_servers_announced_limits_set_the_request_size() {
     }
     let host = Host::parse("vm", "vm.test").unwrap();
     let opener = LocalConnector.connect(&host).await.unwrap();
-    let sftp = vtun::transfer::Sftp::connect(opener.sftp().await.unwrap())
+    let sftp = vtun::sftp::Sftp::connect(opener.sftp().await.unwrap())
         .await
         .unwrap();
     assert!(sftp.has("limits@openssh.com"));

@@ -1,12 +1,14 @@
 //! The remote side of a sync without an agent (`--no-agent`, or a host that cannot run one):
-//! the same [`Endpoint`] over plain SFTP, built on the transfer module's client.
+//! the same [`Endpoint`] over plain SFTP, built on the shared pipelined client in `crate::sftp`.
 //!
 //! Without code on the far side there are no signatures and no remote hashes, so every changed
 //! file is sent whole and `-c` is refused. SFTP v3 carries mtimes in whole seconds: listings say
 //! so ([`Listing::mtime_seconds`]) and the plan compares seconds. Writes follow the agent's rules:
 //! each parent under the root is `lstat`ed to be a real directory before anything is created,
 //! content lands in a `.vtun-tmp.*` file beside its target and is renamed over it (posix-rename)
-//! only after its hash checks out, and metadata is never set through a symlink.
+//! only after its hash checks out, and metadata is never set through a symlink. Listings use
+//! cp's walk ([`crate::sftp::walk`]: many directories at once, every cap on what the server may
+//! send), so a tree costs round trips by its depth, not by its number of directories.
 
 use crate::fs::FileTime;
 use std::collections::{HashSet, VecDeque};
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
@@ -27,6 +30,8 @@ use crate::transfer::RemoteFs;
 
 /// Reads or writes in flight per file: hides the round trip on a long link.
 const DEPTH: usize = 16;
+/// READLINKs or removals in flight at once.
+const IN_FLIGHT: usize = 64;
 
 /// A sync root on a remote host, reached over SFTP only.
 pub struct SftpEndpoint {
@@ -114,52 +119,99 @@ impl SftpEndpoint {
                 .await?
                 .with_context(|| format!("{}: dangling symlink", self.fs.show(&top)))?;
         }
-        // Depth first with children sorted: the same pre-order as a local walk.
-        let mut stack = vec![(opts.start.clone(), meta)];
-        while let Some((rel, meta)) = stack.pop() {
-            let Some(entry) = self.entry(&rel, &meta).await? else {
-                continue;
-            };
-            let is_dir = entry.is_dir();
-            listing.entries.push(entry);
-            if !is_dir {
-                continue;
-            }
-            let dir = self.at(&rel);
-            let mut children = Vec::new();
-            for (name, m) in self.fs.read_dir(&dir).await? {
-                let Some(name) = name.to_str() else {
-                    tracing::warn!("skipping non-UTF-8 name {name:?} in {}", self.fs.show(&dir));
-                    continue;
+        let top_target = match meta.kind {
+            FsKind::Symlink => Some(self.fs.read_link(&top).await?),
+            _ => None,
+        };
+        let top_entry = self.entry(&opts.start, &meta, top_target)?;
+        let is_dir = top_entry.as_ref().is_some_and(Entry::is_dir);
+        listing.entries.extend(top_entry);
+        if !is_dir {
+            return Ok(listing);
+        }
+        // The whole subtree in one pipelined walk (many directories listed at once), sorted
+        // into the same pre-order as a local walk.
+        let Fs::Remote(remote) = &self.fs else {
+            bail!("not remote");
+        };
+        let (mut temps, mut bad) = (Vec::new(), None);
+        let found = remote
+            .walk(&top, |rel, m| {
+                let Some(rel_str) = rel.to_str() else {
+                    tracing::warn!("skipping non-UTF-8 name {rel:?} in {}", self.fs.show(&top));
+                    return false;
                 };
+                let name = rel_str.rsplit('/').next().unwrap_or(rel_str);
                 if is_temp_name(name) {
                     if opts.clean_temps && m.kind != FsKind::Dir {
-                        let p = dir.join(name);
-                        if let Err(e) = self.fs.remove(&p).await {
-                            tracing::warn!("cannot remove stale {}: {e:#}", self.fs.show(&p));
-                        }
+                        temps.push(top.join(rel));
                     }
-                    continue;
+                    return false;
                 }
-                let child = rel.join(name)?;
-                if excludes.is_excluded(child.as_str(), m.kind == FsKind::Dir) {
-                    continue;
+                match beneath(&opts.start, rel_str) {
+                    Ok(child) => !excludes.is_excluded(child.as_str(), m.kind == FsKind::Dir),
+                    Err(e) => {
+                        bad.get_or_insert(e);
+                        false
+                    }
                 }
-                children.push((child, m));
+            })
+            .await?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        self.remove_temps(temps).await;
+        // Symlink targets: one READLINK each, many in flight together.
+        let mut reads = Vec::new();
+        for (rel, m) in &found {
+            let (fs, p, link) = (&self.fs, top.join(rel), m.kind == FsKind::Symlink);
+            reads.push(async move {
+                match link {
+                    true => Some(fs.read_link(&p).await),
+                    false => None,
+                }
+            });
+        }
+        let targets: Vec<Option<Result<PathBuf>>> = futures::stream::iter(reads)
+            .buffered(IN_FLIGHT)
+            .collect()
+            .await;
+        for ((rel, m), target) in found.iter().zip(targets) {
+            let rel = rel.to_str().context("non-UTF-8 path in the walk")?;
+            let rel = beneath(&opts.start, rel)?;
+            if let Some(e) = self.entry(&rel, m, target.transpose()?)? {
+                listing.entries.push(e);
             }
-            children.sort_by(|a, b| b.0.cmp(&a.0));
-            stack.extend(children);
         }
         Ok(listing)
     }
 
-    async fn entry(&self, rel: &RelPath, m: &Meta) -> Result<Option<Entry>> {
+    /// Remove temporary files an interrupted sync left (a failure is only a warning).
+    async fn remove_temps(&self, temps: Vec<PathBuf>) {
+        let mut removals = Vec::new();
+        for p in temps {
+            let fs = &self.fs;
+            removals.push(async move {
+                if let Err(e) = fs.remove(&p).await {
+                    tracing::warn!("cannot remove stale {}: {e:#}", fs.show(&p));
+                }
+            });
+        }
+        let _: Vec<()> = futures::stream::iter(removals)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+    }
+
+    /// The listing entry for `rel`; `target` is a symlink's target, read by the caller.
+    fn entry(&self, rel: &RelPath, m: &Meta, target: Option<PathBuf>) -> Result<Option<Entry>> {
         let kind = match m.kind {
             FsKind::Dir => Kind::Dir,
             FsKind::File => Kind::File { size: m.size },
             FsKind::Symlink => {
                 let p = self.at(rel);
-                let t = self.fs.read_link(&p).await?;
+                let t =
+                    target.with_context(|| format!("{}: symlink not read", self.fs.show(&p)))?;
                 let Some(target) = t.to_str() else {
                     tracing::warn!(
                         "skipping symlink {} with a non-UTF-8 target",
@@ -186,7 +238,14 @@ impl SftpEndpoint {
     }
 
     /// Stream one whole file into `out`; an error before `Start` is reported by the caller.
-    async fn send_one(&mut self, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
+    /// Stream one whole file into `out`. An error before its `Start` is the caller's to report
+    /// as a skip; `started` says whether one was sent (a file's pieces cannot be taken back).
+    async fn send_one(
+        &mut self,
+        req: &SendReq,
+        out: &mpsc::Sender<Piece>,
+        started: &mut bool,
+    ) -> Result<()> {
         let path = self.at(&req.path);
         let meta = self
             .fs
@@ -197,9 +256,9 @@ impl SftpEndpoint {
             bail!("not a regular file");
         }
         let reader = self.fs.open_read(&path, 0).await?;
-        let res = self.stream(&reader, &req.path, &meta, out).await;
+        let res = self.stream(&reader, &req.path, &meta, out, started).await;
         let closed = reader.close().await;
-        res.and(closed)
+        res.and(closed).with_context(|| self.fs.show(&path))
     }
 
     async fn stream(
@@ -208,17 +267,10 @@ impl SftpEndpoint {
         rel: &RelPath,
         meta: &Meta,
         out: &mpsc::Sender<Piece>,
+        started: &mut bool,
     ) -> Result<()> {
         let chunk = self.fs.chunk().await?.min(CHUNK as u32);
         let put = |p: Piece| async { out.send(p).await.ok().context("receiver went away") };
-        put(Piece::Start {
-            path: rel.clone(),
-            delta: false,
-            size: meta.size,
-            mode: meta.mode,
-            mtime: FileTime::from_secs(meta.mtime),
-        })
-        .await?;
         let mut h = blake3::Hasher::new();
         let mut pending = VecDeque::new();
         let mut next = 0u64;
@@ -228,10 +280,26 @@ impl SftpEndpoint {
                 pending.push_back((len, reader.read_at(next, len)?));
                 next += len as u64;
             }
-            let Some((len, read)) = pending.pop_front() else {
+            let read = pending.pop_front();
+            // The first read before `Start`: a file that cannot be read at all is skipped.
+            let got = match read {
+                Some((len, read)) => Some((len, read.await?)),
+                None => None,
+            };
+            if !*started {
+                put(Piece::Start {
+                    path: rel.clone(),
+                    delta: false,
+                    size: meta.size,
+                    mode: meta.mode,
+                    mtime: FileTime::from_secs(meta.mtime),
+                })
+                .await?;
+                *started = true;
+            }
+            let Some((len, data)) = got else {
                 break;
             };
-            let data = read.await?;
             let short = data.len() < len as usize;
             h.update(&data);
             self.wire += data.len() as u64;
@@ -324,25 +392,32 @@ impl SftpEndpoint {
             .with_context(|| self.fs.show(p))
     }
 
-    /// Remove a directory tree without following symlinks in it.
+    /// Remove a directory tree without following symlinks in it: one bounded walk, the
+    /// non-directories removed many at a time, then the directories deepest first.
     async fn remove_tree(&self, dir: &Path) -> Result<()> {
-        let mut stack = vec![(dir.to_path_buf(), false)];
-        while let Some((d, listed)) = stack.pop() {
-            if listed {
-                self.rmdir(&d).await?;
-                continue;
-            }
-            stack.push((d.clone(), true));
-            for (name, m) in self.fs.read_dir(&d).await? {
-                let p = d.join(name);
-                if m.kind == FsKind::Dir {
-                    stack.push((p, false));
-                } else {
-                    self.fs.remove(&p).await?;
-                }
+        let Fs::Remote(remote) = &self.fs else {
+            bail!("not remote");
+        };
+        let entries = remote.walk(dir, |_, _| true).await?;
+        let mut removals = Vec::new();
+        for (rel, m) in &entries {
+            if m.kind != FsKind::Dir {
+                let (fs, p) = (&self.fs, dir.join(rel));
+                removals.push(async move { fs.remove(&p).await });
             }
         }
-        Ok(())
+        let removed: Vec<Result<()>> = futures::stream::iter(removals)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        removed.into_iter().collect::<Result<Vec<()>>>()?;
+        // Pre-order reversed: every directory after everything inside it.
+        for (rel, m) in entries.iter().rev() {
+            if m.kind == FsKind::Dir {
+                self.rmdir(&dir.join(rel)).await?;
+            }
+        }
+        self.rmdir(dir).await
     }
 
     async fn receive_all(&mut self, mut input: mpsc::Receiver<Piece>) -> RecvReport {
@@ -530,6 +605,15 @@ impl Incoming {
     }
 }
 
+/// `start/rel` as a path from the sync root (`rel` is relative to `start`).
+fn beneath(start: &RelPath, rel: &str) -> Result<RelPath> {
+    if start.is_root() {
+        RelPath::parse(rel)
+    } else {
+        RelPath::parse(&format!("{}/{rel}", start.as_str()))
+    }
+}
+
 /// A `.vtun-tmp.*` name beside `target` (never listed, cleaned up by the next sync).
 fn temp_beside(target: &Path, rel: &RelPath) -> PathBuf {
     let dir = target.parent().unwrap_or(Path::new("."));
@@ -560,9 +644,15 @@ impl Endpoint for SftpEndpoint {
     fn send(&mut self, reqs: Vec<SendReq>, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             for req in reqs {
-                if let Err(e) = self.send_one(&req, &out).await {
+                let mut started = false;
+                if let Err(e) = self.send_one(&req, &out, &mut started).await {
                     if out.is_closed() {
                         bail!("receiver went away");
+                    }
+                    // Half a file is on its way: the stream cannot skip it any more, so the
+                    // send stops here (the receiver drops the partial file).
+                    if started {
+                        return Err(e);
                     }
                     let skip = Piece::Skip {
                         path: req.path.clone(),

@@ -10,11 +10,11 @@ use anyhow::{bail, Context, Result};
 
 use super::engine::{Engine, Options};
 use super::fs::{Fs, RemoteFs};
-use super::sftp;
 use crate::error::Failure;
 use crate::progress::Progress;
 use crate::remote::Connector;
 use crate::settings::Settings;
+use crate::sftp;
 use crate::target::{Host, Location};
 
 /// A remote operand's path for SFTP, whose relative paths start in the login directory:

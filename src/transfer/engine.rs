@@ -19,9 +19,9 @@ use futures::stream::{self, StreamExt};
 
 use super::fs::{Fs, Kind, Meta, Reader, Writer};
 use super::pipe::{copy_range, Budget};
-use super::proto;
-use super::sftp;
 use crate::progress::Progress;
+use crate::sftp;
+use crate::sftp::proto;
 
 /// Files at least this large are split into parallel ranges.
 const SPLIT_MIN: u64 = 8 * 1024 * 1024;

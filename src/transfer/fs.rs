@@ -18,9 +18,9 @@ use tokio::sync::OnceCell;
 
 use super::handle::{attrs_for, file_times};
 pub use super::handle::{Reader, Writer};
-use super::proto::{self, Attrs};
-use super::sftp::{self, Sftp};
 use crate::remote::Opener;
+use crate::sftp::proto::{self, Attrs};
+use crate::sftp::{self, Sftp};
 
 /// What kind of entry a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +149,24 @@ impl RemoteFs {
             })
             .await?;
         Ok(s.clone())
+    }
+
+    /// Every entry under `root` that `keep` accepts, as (relative path, metadata), sorted so
+    /// each directory comes before its contents: [`sftp::walk`] on the first stream, many
+    /// directories listed at once and every cap on what the server may send applied.
+    pub async fn walk<F>(&self, root: &Path, mut keep: F) -> Result<Vec<(PathBuf, Meta)>>
+    where
+        F: FnMut(&Path, &Meta) -> bool,
+    {
+        let c = self.client(0).await?;
+        let entries = sftp::walk(&c, self.name(), root, |rel, e| {
+            keep(rel, &Meta::from_attrs(&e.attrs))
+        })
+        .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(rel, a)| (rel, Meta::from_attrs(&a)))
+            .collect())
     }
 
     async fn connect(&self) -> Result<Sftp> {

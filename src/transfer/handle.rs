@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::fs::io_text;
-use super::proto::Attrs;
-use super::sftp::{Handle, Sftp};
+use crate::sftp::proto::Attrs;
+use crate::sftp::{Handle, Sftp};
 
 /// An open source file; reads are positional so ranges can share it.
 pub enum Reader {
@@ -35,30 +35,7 @@ impl Reader {
                 });
                 Ok(async move { job.await? }.boxed())
             }
-            Reader::Remote(c, h) => {
-                let first = c.read_start(h, offset, len)?;
-                let (c, h) = (c.clone(), h.clone());
-                Ok(async move {
-                    let Some(data) = first.data().await? else {
-                        return Ok(Bytes::new());
-                    };
-                    if data.len() >= len as usize {
-                        return Ok(data);
-                    }
-                    // A short read before EOF (a server with a smaller limit): fetch the rest.
-                    let mut buf = bytes::BytesMut::from(&data[..]);
-                    while buf.len() < len as usize {
-                        let off = offset + buf.len() as u64;
-                        let want = len - buf.len() as u32;
-                        match c.read_start(&h, off, want)?.data().await? {
-                            Some(more) if !more.is_empty() => buf.extend_from_slice(&more),
-                            _ => break,
-                        }
-                    }
-                    Ok(buf.freeze())
-                }
-                .boxed())
-            }
+            Reader::Remote(c, h) => Ok(c.read(h, offset, len)?.boxed()),
         }
     }
 

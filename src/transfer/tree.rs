@@ -36,6 +36,9 @@ fn by_depth(dirs: &[(PathBuf, Meta)]) -> Vec<Vec<&(PathBuf, Meta)>> {
 /// Every entry under `root` (not including it) as (relative path, metadata), sorted so each
 /// directory comes before its contents. Symlinks are reported, not followed.
 pub async fn walk(fs: &Fs, root: &Path) -> Result<Vec<(PathBuf, Meta)>> {
+    if let Fs::Remote(r) = fs {
+        return r.walk(root, |_, _| true).await;
+    }
     let mut out = Vec::new();
     let mut pending = vec![PathBuf::new()];
     let mut running = FuturesUnordered::new();

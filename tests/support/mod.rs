@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod hostile_sftp;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};

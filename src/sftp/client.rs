@@ -7,6 +7,9 @@
 //! routes replies to waiters by request id. Because the server executes requests in the order it
 //! receives them, writes started in offset order land in offset order, which is what `--resume`
 //! relies on. DATA replies are slices of the received packet, never copied again.
+//!
+//! What the server controls is bounded here ([`super::caps`]): the size of any reply, the
+//! entries and names of a listing, and how many replies one short read may take.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -18,6 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
+use super::caps;
 use super::proto::{self, put_str, Attrs, Parser};
 use crate::remote::RemoteIo;
 
@@ -25,8 +29,6 @@ use crate::remote::RemoteIo;
 const DEFAULT_CHUNK: u32 = 32 * 1024;
 /// Never ask for more than this per request even if the server allows it.
 const MAX_CHUNK: u32 = 256 * 1024;
-/// Refuse replies larger than this (a corrupt length would otherwise allocate gigabytes).
-const MAX_PACKET: usize = 4 * 1024 * 1024;
 
 /// An SFTP failure as the server reported it, or the stream ending.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +170,34 @@ fn expect(kind: u8, want: u8, p: &mut Parser) -> Result<()> {
         return Err(SftpError::Status { code, message }.into());
     }
     bail!("unexpected SFTP reply {kind} (wanted {want})")
+}
+
+/// A DATA reply may be shorter than asked, never longer.
+fn check_data_len(got: usize, asked: u32) -> Result<()> {
+    if got > asked as usize {
+        bail!("sftp server sent {got} bytes for a {asked}-byte read");
+    }
+    Ok(())
+}
+
+/// A listing name must name one entry inside the directory listed.
+fn check_name(name: &[u8]) -> Result<()> {
+    let shown = || String::from_utf8_lossy(name).into_owned();
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        bail!(
+            "refusing unsafe name {:?} (it would escape the destination)",
+            shown()
+        );
+    }
+    if name.len() > caps::NAME_LEN {
+        bail!(
+            "refusing a {}-byte name {:?}… (names are at most {} bytes)",
+            name.len(),
+            String::from_utf8_lossy(&name[..32]),
+            caps::NAME_LEN
+        );
+    }
+    Ok(())
 }
 
 fn path_bytes(p: &Path) -> &[u8] {
@@ -410,8 +440,11 @@ impl Sftp {
         expect_ok(k, &mut p)
     }
 
-    /// Every entry of directory `path` except `.` and `..` as the server names them (the
-    /// caller still validates names: a hostile server may send anything).
+    /// Every entry of directory `path` except `.` and `..`, each name one plain component
+    /// (non-empty, no `/` or NUL, at most [`caps::NAME_LEN`] bytes). Two READDIRs are kept in
+    /// flight and the CLOSE is not waited for, so a small directory costs two round trips
+    /// (OPENDIR, then READDIR), not four. Bounded by [`caps::DIR_ENTRIES`] and
+    /// [`caps::EMPTY_REPLIES`]: a server cannot make one listing endless.
     pub async fn read_dir(&self, path: &Path) -> Result<Vec<DirEntry>> {
         let (k, mut p) = self
             .call(proto::OPENDIR, |b| put_str(b, path_bytes(path)))
@@ -419,31 +452,106 @@ impl Sftp {
         expect(k, proto::HANDLE, &mut p)?;
         let handle = p.string()?;
         let mut out = Vec::new();
-        let result = async {
-            loop {
-                let (k, mut p) = self.call(proto::READDIR, |b| put_str(b, &handle)).await?;
-                if k == proto::STATUS {
-                    match status(&mut p)? {
-                        (proto::FX_EOF, _) => return Ok(()),
-                        (code, message) => return Err(SftpError::Status { code, message }.into()),
-                    }
-                }
-                expect(k, proto::NAME, &mut p)?;
-                let count = p.u32()?;
-                for _ in 0..count {
-                    let name = p.string()?;
-                    let _long = p.string()?;
-                    let attrs = p.attrs()?;
-                    if &name[..] != b"." && &name[..] != b".." {
-                        out.push(DirEntry { name, attrs });
-                    }
+        let result = self.read_dir_entries(&handle, &mut out).await;
+        // Nothing depends on the CLOSE: its reply is dropped when it arrives.
+        let closed = self.send(proto::CLOSE, |b| put_str(b, &handle), None);
+        result.and(closed.map(drop))?;
+        Ok(out)
+    }
+
+    async fn read_dir_entries(&self, handle: &Handle, out: &mut Vec<DirEntry>) -> Result<()> {
+        let readdir = || self.send(proto::READDIR, |b| put_str(b, handle), None);
+        let mut next = readdir()?;
+        let mut empty = 0;
+        loop {
+            let (k, mut p) = std::mem::replace(&mut next, readdir()?).get().await?;
+            if k == proto::STATUS {
+                return match status(&mut p)? {
+                    (proto::FX_EOF, _) => Ok(()),
+                    (code, message) => Err(SftpError::Status { code, message }.into()),
+                };
+            }
+            expect(k, proto::NAME, &mut p)?;
+            let count = p.u32()? as usize;
+            // Each entry takes at least 12 bytes (two empty strings and the attribute flags).
+            if count > p.remaining() / 12 {
+                bail!(
+                    "malformed SFTP listing: {count} entries in {} bytes",
+                    p.remaining()
+                );
+            }
+            if count == 0 {
+                empty += 1;
+                if empty > caps::EMPTY_REPLIES {
+                    bail!(
+                        "sftp server sends empty directory listings without end; refusing to \
+                         continue"
+                    );
                 }
             }
+            for _ in 0..count {
+                let name = p.string()?;
+                let _long = p.string()?;
+                let attrs = p.attrs()?;
+                if &name[..] == b"." || &name[..] == b".." {
+                    continue;
+                }
+                check_name(&name)?;
+                if out.len() >= caps::DIR_ENTRIES {
+                    bail!(
+                        "sftp server lists more than {} entries in one directory; refusing to \
+                         continue",
+                        caps::DIR_ENTRIES
+                    );
+                }
+                out.push(DirEntry { name, attrs });
+            }
         }
-        .await;
-        let closed = self.close(&handle).await;
-        result.and(closed)?;
-        Ok(out)
+    }
+
+    /// Read `len` bytes at `offset`: the READ is on the wire when this returns, and the future
+    /// yields fewer bytes only at end of file. A full first reply is returned as it arrived (a
+    /// slice of the packet, no copy). A short one is legal, so the rest is asked for, but only
+    /// [`caps::follow_ups`] times: a server that answers a few bytes per reply is refused
+    /// rather than allowed to cost a round trip per few bytes.
+    pub fn read(
+        &self,
+        handle: &Handle,
+        offset: u64,
+        len: u32,
+    ) -> Result<impl std::future::Future<Output = Result<Bytes>> + Send + 'static> {
+        let first = self.read_start(handle, offset, len)?;
+        let (c, h) = (self.clone(), handle.clone());
+        Ok(async move {
+            let Some(data) = first.data().await? else {
+                return Ok(Bytes::new());
+            };
+            check_data_len(data.len(), len)?;
+            if data.len() == len as usize {
+                return Ok(data);
+            }
+            let mut buf = BytesMut::from(&data[..]);
+            let mut replies = 1u32;
+            while buf.len() < len as usize {
+                if replies > caps::follow_ups(len) {
+                    bail!(
+                        "sftp server returns {}-byte reads (asked for {len}); refusing to continue",
+                        buf.len() as u32 / replies
+                    );
+                }
+                let want = len - buf.len() as u32;
+                let more = c.read_start(&h, offset + buf.len() as u64, want)?;
+                replies += 1;
+                match more.data().await? {
+                    Some(more) if !more.is_empty() => {
+                        check_data_len(more.len(), want)?;
+                        buf.extend_from_slice(&more);
+                    }
+                    _ => break,
+                }
+            }
+            Ok(buf.freeze())
+        })
     }
 
     pub async fn mkdir(&self, path: &Path, attrs: &Attrs) -> Result<()> {
@@ -560,8 +668,14 @@ impl Sftp {
 
 async fn read_packet<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<(u8, Parser)> {
     let len = rd.read_u32().await? as usize;
-    if len == 0 || len > MAX_PACKET {
-        bail!("malformed SFTP packet length {len}");
+    if len == 0 {
+        bail!("malformed SFTP packet length 0");
+    }
+    if len > caps::PACKET {
+        bail!(
+            "sftp server sent a {len}-byte reply (at most {} are accepted); refusing it",
+            caps::PACKET
+        );
     }
     let mut body = BytesMut::with_capacity(len);
     // read_buf fills uninitialised capacity: no zeroing of 256 KiB bodies.
@@ -721,6 +835,101 @@ mod tests {
         // Later requests fail at once instead of hanging.
         let err = sftp.stat(Path::new("/y")).await.unwrap_err();
         assert!(is_closed(&err), "{err:#}");
+    }
+
+    /// Answer INIT, then every READ with `reply_len(asked)` bytes (EOF at `size`).
+    async fn reading_server(mut io: DuplexStream, size: u64, reply_len: fn(u32) -> u32) {
+        let len = io.read_u32().await.unwrap();
+        let mut init = vec![0; len as usize];
+        io.read_exact(&mut init).await.unwrap();
+        let mut version = BytesMut::new();
+        version.put_u32(5);
+        version.put_u8(proto::VERSION);
+        version.put_u32(3);
+        io.write_all(&version).await.unwrap();
+        while let Ok(len) = io.read_u32().await {
+            let mut body = vec![0; len as usize];
+            io.read_exact(&mut body).await.unwrap();
+            let mut p = Parser::new(Bytes::from(body));
+            assert_eq!(p.u8().unwrap(), proto::READ);
+            let id = p.u32().unwrap();
+            let _handle = p.string().unwrap();
+            let offset = p.u64().unwrap();
+            let asked = p.u32().unwrap();
+            let mut b = BytesMut::new();
+            if offset >= size {
+                b.put_u32(1 + 4 + 4);
+                b.put_u8(proto::STATUS);
+                b.put_u32(id);
+                b.put_u32(proto::FX_EOF);
+            } else {
+                let n = reply_len(asked).min((size - offset) as u32);
+                b.put_u32(1 + 4 + 4 + n);
+                b.put_u8(proto::DATA);
+                b.put_u32(id);
+                put_str(&mut b, &vec![b'x'; n as usize]);
+            }
+            io.write_all(&b).await.unwrap();
+        }
+    }
+
+    async fn read_from(size: u64, reply_len: fn(u32) -> u32, len: u32) -> Result<Bytes> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(reading_server(server, size, reply_len));
+        let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        sftp.read(&Bytes::from_static(b"h"), 0, len)?.await
+    }
+
+    #[tokio::test]
+    async fn short_reads_are_completed_but_one_byte_reads_are_refused() {
+        // Half a request per reply (a server with a smaller limit): filled in, no error.
+        let data = read_from(1 << 20, |asked| asked.div_ceil(2), 256 * 1024).await;
+        assert_eq!(data.unwrap().len(), 256 * 1024);
+        // A short reply at end of file is the file's end.
+        assert_eq!(read_from(100, |a| a, 4096).await.unwrap().len(), 100);
+        let err = read_from(1 << 20, |_| 1, 256 * 1024).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sftp server returns 1-byte reads (asked for 262144); refusing to continue"
+        );
+        let err = read_from(1 << 20, |a| a + 1, 4096).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sftp server sent 4097 bytes for a 4096-byte read"
+        );
+    }
+
+    #[test]
+    fn a_one_byte_server_costs_at_most_65_replies_per_256_kib() {
+        assert_eq!(caps::follow_ups(256 * 1024), 64);
+        assert_eq!(caps::follow_ups(100), 4);
+    }
+
+    #[test]
+    fn listing_names_must_be_one_plain_component() {
+        check_name(b"ok \xff name").unwrap();
+        check_name(&[b'n'; 255]).unwrap();
+        for bad in [&b""[..], b"a/b", b"/abs", b"nul\0"] {
+            let err = check_name(bad).unwrap_err().to_string();
+            assert!(err.contains("refusing unsafe name"), "{err}");
+        }
+        let err = check_name(&[b'n'; 256]).unwrap_err().to_string();
+        assert!(err.contains("256-byte name"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_reply_is_refused_before_it_is_read() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut tail = BytesMut::new();
+        tail.put_u32(64 * 1024 * 1024);
+        tokio::spawn(reversing_server(server, 0, tail.to_vec()));
+        let sftp = Sftp::connect(Box::new(client)).await.unwrap();
+        let err = sftp.stat(Path::new("/x")).await.unwrap_err();
+        assert!(is_closed(&err), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("67108864-byte reply"),
+            "{err:#}"
+        );
     }
 
     #[test]
