@@ -492,7 +492,7 @@ fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
 #[test]
 fn crafted_listing_with_dotdot_is_refused() {
     use vtun::sync::protocol::{hello, Msg};
-    use vtun::sync::tree::{Entry, Kind, Listing, RelPath};
+    use vtun::sync::tree::{Entry, EntryKind, Listing, RelPath};
     init();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -506,7 +506,7 @@ fn crafted_listing_with_dotdot_is_refused() {
             theirs.read_exact(&mut h).await.unwrap();
             let entry = Entry {
                 path: RelPath::parse("ab").unwrap(),
-                kind: Kind::File { size: 1 },
+                kind: EntryKind::File { size: 1 },
                 mode: 0o644,
                 mtime: vtun::fs::FileTime::default(),
                 hash: None,

@@ -14,7 +14,7 @@ use super::delta;
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::tree::{self, ListOpts, Listing, RelPath};
 use super::write;
-use crate::transfer::handle::read_chunk_at;
+use crate::fs::read_chunk_at;
 
 /// A sync root on the local file system.
 #[derive(Debug, Clone)]

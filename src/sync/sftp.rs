@@ -20,9 +20,10 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::pattern::Excludes;
-use super::tree::{is_temp_name, Entry, Kind, ListOpts, Listing, RelPath};
+use super::tree::{is_temp_name, Entry, EntryKind, ListOpts, Listing, RelPath};
+use crate::fs::{Kind, Meta};
 use crate::remote::Opener;
-use crate::transfer::fs::{Fs, Kind as FsKind, Meta, Reader, Writer};
+use crate::transfer::fs::{Fs, Reader, Writer};
 use crate::transfer::RemoteFs;
 
 /// Reads or writes in flight per file: hides the round trip on a long link.
@@ -70,7 +71,7 @@ impl SftpEndpoint {
             }
             let p = self.at(&dir);
             match self.fs.lstat(&p).await? {
-                Some(m) if m.kind == FsKind::Dir => {
+                Some(m) if m.kind == Kind::Dir => {
                     known.insert(dir.clone());
                 }
                 _ => bail!(
@@ -96,7 +97,7 @@ impl SftpEndpoint {
             ..Listing::default()
         };
         listing.root_exists = match self.fs.stat(&self.root).await? {
-            Some(m) => m.kind == FsKind::Dir || opts.start.is_root(),
+            Some(m) => m.kind == Kind::Dir || opts.start.is_root(),
             None => false,
         };
         if !listing.root_exists {
@@ -107,7 +108,7 @@ impl SftpEndpoint {
             return Ok(listing);
         };
         // The root itself may be a symlink the user named; its target is what they mean.
-        if opts.start.is_root() && meta.kind == FsKind::Symlink {
+        if opts.start.is_root() && meta.kind == Kind::Symlink {
             meta = self
                 .fs
                 .stat(&top)
@@ -133,7 +134,7 @@ impl SftpEndpoint {
                     continue;
                 };
                 if is_temp_name(name) {
-                    if opts.clean_temps && m.kind != FsKind::Dir {
+                    if opts.clean_temps && m.kind != Kind::Dir {
                         let p = dir.join(name);
                         if let Err(e) = self.fs.remove(&p).await {
                             tracing::warn!("cannot remove stale {}: {e:#}", self.fs.show(&p));
@@ -142,7 +143,7 @@ impl SftpEndpoint {
                     continue;
                 }
                 let child = rel.join(name)?;
-                if excludes.is_excluded(child.as_str(), m.kind == FsKind::Dir) {
+                if excludes.is_excluded(child.as_str(), m.kind == Kind::Dir) {
                     continue;
                 }
                 children.push((child, m));
@@ -155,9 +156,9 @@ impl SftpEndpoint {
 
     async fn entry(&self, rel: &RelPath, m: &Meta) -> Result<Option<Entry>> {
         let kind = match m.kind {
-            FsKind::Dir => Kind::Dir,
-            FsKind::File => Kind::File { size: m.size },
-            FsKind::Symlink => {
+            Kind::Dir => EntryKind::Dir,
+            Kind::File => EntryKind::File { size: m.size },
+            Kind::Symlink => {
                 let p = self.at(rel);
                 let t = self.fs.read_link(&p).await?;
                 let Some(target) = t.to_str() else {
@@ -167,11 +168,11 @@ impl SftpEndpoint {
                     );
                     return Ok(None);
                 };
-                Kind::Symlink {
+                EntryKind::Symlink {
                     target: target.to_string(),
                 }
             }
-            FsKind::Other => {
+            Kind::Other => {
                 tracing::warn!("skipping special file {}", self.fs.show(&self.at(rel)));
                 return Ok(None);
             }
@@ -180,7 +181,7 @@ impl SftpEndpoint {
             path: rel.clone(),
             kind,
             mode: m.mode,
-            mtime: FileTime::from_secs(m.mtime),
+            mtime: m.mtime,
             hash: None,
         }))
     }
@@ -193,7 +194,7 @@ impl SftpEndpoint {
             .lstat(&path)
             .await?
             .ok_or_else(|| anyhow!("no such file"))?;
-        if meta.kind != FsKind::File {
+        if meta.kind != Kind::File {
             bail!("not a regular file");
         }
         let reader = self.fs.open_read(&path, 0).await?;
@@ -216,7 +217,7 @@ impl SftpEndpoint {
             delta: false,
             size: meta.size,
             mode: meta.mode,
-            mtime: FileTime::from_secs(meta.mtime),
+            mtime: meta.mtime,
         })
         .await?;
         let mut h = blake3::Hasher::new();
@@ -255,7 +256,7 @@ impl SftpEndpoint {
             Op::Mkdir { path, mode } => {
                 let p = self.safe_path(path, known).await?;
                 match self.fs.lstat(&p).await? {
-                    Some(m) if m.kind == FsKind::Dir => {}
+                    Some(m) if m.kind == Kind::Dir => {}
                     _ => self.fs.mkdir(&p, mode | 0o700).await?,
                 }
                 known.insert(path.clone());
@@ -280,7 +281,7 @@ impl SftpEndpoint {
                 known.retain(|k| !k.starts_with(path));
                 match self.fs.lstat(&p).await? {
                     None => Ok(()),
-                    Some(m) if m.kind != FsKind::Dir => self.fs.remove(&p).await,
+                    Some(m) if m.kind != Kind::Dir => self.fs.remove(&p).await,
                     Some(_) if *recursive => self.remove_tree(&p).await,
                     Some(_) => match self.rmdir(&p).await {
                         // It still holds excluded entries, which --delete keeps (as rsync does).
@@ -304,10 +305,10 @@ impl SftpEndpoint {
                     .await?
                     .ok_or_else(|| anyhow!("{}: no such file", self.fs.show(&p)))?;
                 // SFTP v3 sets attributes through symlinks: a link keeps the time it was made.
-                if m.kind == FsKind::Symlink {
+                if m.kind == Kind::Symlink {
                     return Ok(());
                 }
-                let times = mtime.map(|t| (m.atime, t.secs()));
+                let times = mtime.map(|t| (m.atime, t));
                 self.fs.set_meta(&p, mode.unwrap_or(m.mode), times).await
             }
         }
@@ -335,7 +336,7 @@ impl SftpEndpoint {
             stack.push((d.clone(), true));
             for (name, m) in self.fs.read_dir(&d).await? {
                 let p = d.join(name);
-                if m.kind == FsKind::Dir {
+                if m.kind == Kind::Dir {
                     stack.push((p, false));
                 } else {
                     self.fs.remove(&p).await?;
@@ -451,7 +452,7 @@ impl SftpEndpoint {
     async fn finish(&self, mut f: Incoming, hash: &[u8; 32]) -> Result<u64> {
         let written = f.drain().await;
         let ok = written.is_ok() && f.hasher.finalize().as_bytes() == hash;
-        let times = (now_secs(), f.mtime.secs());
+        let times = (FileTime::from_secs(now_secs()), f.mtime);
         let mode = f.mode & 0o7777;
         let finished = if ok {
             f.writer.finish(Some(mode), Some(times)).await

@@ -104,7 +104,7 @@ impl std::fmt::Display for RelPath {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kind {
+pub enum EntryKind {
     Dir,
     File { size: u64 },
     Symlink { target: String },
@@ -113,7 +113,7 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub path: RelPath,
-    pub kind: Kind,
+    pub kind: EntryKind,
     /// Permission bits (`mode & 0o7777`).
     pub mode: u32,
     pub mtime: FileTime,
@@ -123,12 +123,12 @@ pub struct Entry {
 
 impl Entry {
     pub fn is_dir(&self) -> bool {
-        matches!(self.kind, Kind::Dir)
+        matches!(self.kind, EntryKind::Dir)
     }
 
     pub fn size(&self) -> u64 {
         match &self.kind {
-            Kind::File { size } => *size,
+            EntryKind::File { size } => *size,
             _ => 0,
         }
     }
@@ -262,9 +262,9 @@ fn visit(
 fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Option<Entry>> {
     let ft = m.file_type();
     let kind = if ft.is_dir() {
-        Kind::Dir
+        EntryKind::Dir
     } else if ft.is_file() {
-        Kind::File { size: m.len() }
+        EntryKind::File { size: m.len() }
     } else if ft.is_symlink() {
         let t = std::fs::read_link(path)
             .with_context(|| format!("cannot read link {}", path.display()))?;
@@ -275,7 +275,7 @@ fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Op
             );
             return Ok(None);
         };
-        Kind::Symlink {
+        EntryKind::Symlink {
             target: target.to_string(),
         }
     } else {
@@ -283,7 +283,7 @@ fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Op
         return Ok(None);
     };
     let hash = match (&kind, hashes) {
-        (Kind::File { .. }, true) => Some(hash_file(path)?),
+        (EntryKind::File { .. }, true) => Some(hash_file(path)?),
         _ => None,
     };
     Ok(Some(Entry {
@@ -365,11 +365,11 @@ mod tests {
         let names: Vec<_> = l.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(names, ["a", "a/f", "a/l", "a/sub"]);
         assert!(!d.path().join("a/.vtun-tmp.f.123").exists());
-        assert_eq!(l.entries[1].kind, Kind::File { size: 2 });
+        assert_eq!(l.entries[1].kind, EntryKind::File { size: 2 });
         assert_eq!(l.entries[1].hash, Some(*blake3::hash(b"hi").as_bytes()));
         assert_eq!(
             l.entries[2].kind,
-            Kind::Symlink {
+            EntryKind::Symlink {
                 target: "/etc".into()
             }
         );

@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 use rand::RngCore;
 
 use super::engine::{Engine, Options};
-use super::fs::{Fs, Kind, RemoteFs};
+use super::fs::{Fs, RemoteFs};
 use crate::cli::BenchArgs;
+use crate::fs::Kind;
 use crate::progress::Progress;
 use crate::remote::{Connector, Opener};
 use crate::settings::Settings;

@@ -17,10 +17,11 @@ use anyhow::{anyhow, Context, Result};
 use futures::future::try_join_all;
 use futures::stream::{self, StreamExt};
 
-use super::fs::{Fs, Kind, Meta, Reader, Writer};
+use super::fs::{Fs, Reader, Writer};
 use super::pipe::{copy_range, Budget};
 use super::proto;
 use super::sftp;
+use crate::fs::{Kind, Meta};
 use crate::progress::Progress;
 
 /// Files at least this large are split into parallel ranges.

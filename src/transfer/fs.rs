@@ -9,75 +9,36 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::OnceCell;
 
-use super::handle::{attrs_for, file_times};
+use super::handle::attrs_for;
 pub use super::handle::{Reader, Writer};
 use super::proto::{self, Attrs};
 use super::sftp::{self, Sftp};
+use crate::fs::handle::file_times;
+use crate::fs::{io_text, FileTime, Kind, LocalReader, LocalWriter, Meta};
 use crate::remote::Opener;
 
-/// What kind of entry a path is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    Other,
-}
-
-/// The metadata the engine copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Meta {
-    pub kind: Kind,
-    pub size: u64,
-    /// Permission bits only (`0o7777`).
-    pub mode: u32,
-    pub atime: i64,
-    pub mtime: i64,
-}
-
-impl Meta {
-    fn from_attrs(a: &Attrs) -> Meta {
-        let kind = match a.file_type() {
-            proto::S_IFREG => Kind::File,
-            proto::S_IFDIR => Kind::Dir,
-            proto::S_IFLNK => Kind::Symlink,
-            _ => Kind::Other,
-        };
-        let (atime, mtime) = a.times.unwrap_or((0, 0));
-        Meta {
-            kind,
-            size: a.size.unwrap_or(0),
-            mode: a.perm.unwrap_or(0o644) & 0o7777,
-            atime: atime as i64,
-            mtime: mtime as i64,
-        }
-    }
-
-    fn from_std(m: &std::fs::Metadata) -> Meta {
-        let ft = m.file_type();
-        let kind = if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_file() {
-            Kind::File
-        } else {
-            Kind::Other
-        };
-        Meta {
-            kind,
-            size: m.len(),
-            mode: m.mode() & 0o7777,
-            atime: m.atime(),
-            mtime: m.mtime(),
-        }
+/// The metadata of an SFTP entry, in the types every engine uses.
+fn meta_of_attrs(a: &Attrs) -> Meta {
+    let kind = match a.file_type() {
+        proto::S_IFREG => Kind::File,
+        proto::S_IFDIR => Kind::Dir,
+        proto::S_IFLNK => Kind::Symlink,
+        _ => Kind::Other,
+    };
+    let (atime, mtime) = a.times.unwrap_or((0, 0));
+    Meta {
+        kind,
+        size: a.size.unwrap_or(0),
+        mode: a.perm.unwrap_or(0o644) & 0o7777,
+        atime: FileTime::from_secs(atime.into()),
+        mtime: FileTime::from_secs(mtime.into()),
     }
 }
 
@@ -91,18 +52,6 @@ pub fn checked_name(name: &[u8], dir: &str) -> Result<OsString> {
         );
     }
     Ok(OsString::from_vec(name.to_vec()))
-}
-
-/// Local errors in the same words as remote ones, so messages read alike.
-pub fn io_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => "no such file or directory".into(),
-        Some(libc::EACCES) | Some(libc::EPERM) => "permission denied".into(),
-        Some(libc::ENOSPC) => "no space left on device".into(),
-        Some(libc::EDQUOT) => "disk quota exceeded".into(),
-        Some(libc::ENOTDIR) => "not a directory".into(),
-        _ => e.to_string().to_lowercase(),
-    }
 }
 
 fn io_err(e: std::io::Error, what: &str) -> anyhow::Error {
@@ -221,7 +170,7 @@ impl Fs {
                 })
                 .await?;
                 match r {
-                    Ok(m) => Ok(Some(Meta::from_std(&m))),
+                    Ok(m) => Ok(Some(Meta::of(&m))),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                     Err(e) => Err(io_err(e, &self.show(path))),
                 }
@@ -234,7 +183,7 @@ impl Fs {
                     c.lstat(path).await
                 };
                 match res {
-                    Ok(a) => Ok(Some(Meta::from_attrs(&a))),
+                    Ok(a) => Ok(Some(meta_of_attrs(&a))),
                     Err(e) if sftp::status_of(&e) == Some(proto::FX_NO_SUCH_FILE) => Ok(None),
                     Err(e) => Err(self.remote_err(e, path)),
                 }
@@ -255,7 +204,7 @@ impl Fs {
                         let name = checked_name(e.file_name().as_bytes(), &shown)?;
                         let m = std::fs::symlink_metadata(e.path())
                             .map_err(|err| io_err(err, &e.path().display().to_string()))?;
-                        out.push((name, Meta::from_std(&m)));
+                        out.push((name, Meta::of(&m)));
                     }
                     Ok(out)
                 })
@@ -269,7 +218,7 @@ impl Fs {
                     .map_err(|e| self.remote_err(e, path))?;
                 entries
                     .iter()
-                    .map(|e| Ok((checked_name(&e.name, &shown)?, Meta::from_attrs(&e.attrs))))
+                    .map(|e| Ok((checked_name(&e.name, &shown)?, meta_of_attrs(&e.attrs))))
                     .collect()
             }
         }
@@ -354,7 +303,12 @@ impl Fs {
     }
 
     /// Set permission bits and, when given, (atime, mtime) on `path` (following symlinks).
-    pub async fn set_meta(&self, path: &Path, mode: u32, times: Option<(i64, i64)>) -> Result<()> {
+    pub async fn set_meta(
+        &self,
+        path: &Path,
+        mode: u32,
+        times: Option<(FileTime, FileTime)>,
+    ) -> Result<()> {
         match self {
             Fs::Local => {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -395,7 +349,7 @@ impl Fs {
         match self {
             Fs::Local => {
                 let f = std::fs::File::open(path).map_err(|e| io_err(e, &self.show(path)))?;
-                Ok(Reader::Local(Arc::new(f)))
+                Ok(Reader::Local(LocalReader::new(f)))
             }
             Fs::Remote(r) => {
                 let c = r.client(slot).await?;
@@ -426,7 +380,7 @@ impl Fs {
                     .truncate(create && !keep)
                     .mode(0o600);
                 let f = o.open(path).map_err(|e| io_err(e, &self.show(named)))?;
-                Ok(Writer::Local(Arc::new(super::handle::LocalFile::new(f))))
+                Ok(Writer::Local(LocalWriter::new(f)))
             }
             Fs::Remote(r) => {
                 let c = r.client(slot).await?;

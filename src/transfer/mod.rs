@@ -2,7 +2,7 @@
 //!
 //! Layers, bottom up: `proto` (SFTP v3 wire format), `sftp` (a pipelined client over one
 //! stream), `fs` (local disk and remote hosts behind one interface, listings validated), `handle`
-//! (open files, positional I/O started eagerly),
+//! (open files, positional I/O started eagerly; the local half is `crate::fs`'s),
 //! `pipe` (one byte range with many requests in flight), `engine` (atomic whole-file copies,
 //! parallel ranges, scp placement rules), `tree` (recursive copies), `cp` and `bench` (commands).
 //! The one non-obvious choice: speed on a long link comes from many outstanding 256 KiB
@@ -22,5 +22,5 @@ pub mod tree;
 pub use bench::bench;
 pub use cp::cp;
 pub use engine::{Engine, Options};
-pub use fs::{Fs, Kind, Meta, RemoteFs};
+pub use fs::{Fs, RemoteFs};
 pub use sftp::{Sftp, SftpError};

@@ -13,7 +13,8 @@ use anyhow::{anyhow, bail, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::engine::{temp_path, Engine};
-use super::fs::{Fs, Kind, Meta};
+use super::fs::Fs;
+use crate::fs::{Kind, Meta};
 
 /// Directory listings (or mkdirs) in flight at once.
 const LIST_CONCURRENCY: usize = 16;
