@@ -296,3 +296,94 @@ fn mtimes_past_2262_round_trip() {
     again.assert_ok();
     assert_eq!(again.stdout_str(), "", "a re-run changes nothing");
 }
+
+/// A 229–255-byte name once failed with "File name too long": the temporary name
+/// `.vtun-tmp.NAME.HEX` passed NAME_MAX. Files and symlinks, both directions, agent and SFTP.
+#[test]
+fn sync_handles_255_byte_names() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    for len in [228, 229, 240, 255] {
+        std::fs::write(src.join("f".repeat(len)), format!("{len} bytes of name\n")).unwrap();
+    }
+    std::os::unix::fs::symlink("target", src.join("l".repeat(255))).unwrap();
+    // Multi-byte characters: a shortened temporary name must stay valid UTF-8 to be cleaned.
+    std::fs::write(src.join("é".repeat(127)), "accents\n").unwrap();
+    let on_a = bed.dir("on-a");
+    let sftp = bed.dir("sftp");
+    let back = bed.dir("back");
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(&on_a))]).assert_ok();
+    sync(
+        &bed,
+        &["--no-agent", &slash(&src), &format!("a:{}", slash(&sftp))],
+    )
+    .assert_ok();
+    sync(&bed, &[&format!("a:{}", slash(&on_a)), &slash(&back)]).assert_ok();
+    for dst in [&on_a, &sftp, &back] {
+        assert_eq!(
+            digest(dst).keys().collect::<Vec<_>>(),
+            digest(&src).keys().collect::<Vec<_>>()
+        );
+        for (k, (kind, content, _, _)) in digest(&src) {
+            assert_eq!(digest(dst)[&k].0, kind, "{k}");
+            assert_eq!(digest(dst)[&k].1, content, "{k}");
+        }
+    }
+}
+
+/// Each sync removed every temporary file it found in the destination, including those of
+/// another sync still writing there, which then failed. Two syncs into one directory at once
+/// must both succeed: here the first is held mid-file while the second runs to completion.
+#[test]
+fn concurrent_syncs_into_one_directory_both_succeed() {
+    let bed = TestBed::builder().vm("a").fault("a").start();
+    agent_on_path(&bed, "a");
+    let big = bed.dir("big");
+    for i in 0..4 {
+        std::fs::write(big.join(format!("big{i}")), random_bytes(8 << 20, 100 + i)).unwrap();
+    }
+    let small = bed.dir("small");
+    std::fs::write(small.join("small.txt"), "small\n").unwrap();
+    let dst = bed.dir("dst");
+    let live_temps = || {
+        std::fs::read_dir(&dst).unwrap().any(|e| {
+            let name = e.unwrap().file_name();
+            name.to_string_lossy().starts_with(".vtun-tmp.")
+        })
+    };
+    bed.fault("a").arm(Fault::StallAfter(12 << 20));
+    let out = std::thread::scope(|s| {
+        let first = s.spawn(|| sync(&bed, &[&slash(&big), &format!("a-fault:{}", slash(&dst))]));
+        // Wait (bounded) until the first sync is held with a file half written.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !(bed.fault("a").fired() && live_temps()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first sync never stalled"
+            );
+            assert!(
+                !first.is_finished(),
+                "the first sync ended before it stalled"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The second sync lists (and cleans) the same directory while the first is writing.
+        let second = sync(&bed, &[&slash(&small), &format!("a:{}", slash(&dst))]);
+        let kept = live_temps();
+        bed.fault("a").release();
+        second.assert_ok();
+        assert!(kept, "the second sync kept the first one's temporary file");
+        first.join().unwrap()
+    });
+    out.assert_ok();
+    for i in 0..4 {
+        let name = format!("big{i}");
+        assert_eq!(
+            hash_file(&dst.join(&name)),
+            hash_file(&big.join(&name)),
+            "{name}"
+        );
+    }
+    assert_eq!(read(&dst.join("small.txt")), "small\n");
+    assert!(!live_temps(), "no temporary file is left");
+}

@@ -1,10 +1,13 @@
 //! File safety shared by cp and sync: metadata types, local handles, atomic temp-and-commit and
 //! safe descent beneath a destination root.
 
+pub mod beneath;
 pub mod handle;
 pub mod meta;
+pub mod temp;
 pub mod time;
 
+pub use beneath::{Dir, Root};
 pub use handle::{read_chunk_at, LocalReader, LocalWriter};
 pub use meta::{Kind, Meta};
 pub use time::FileTime;

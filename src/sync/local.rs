@@ -85,12 +85,7 @@ impl Endpoint for LocalEndpoint {
 
     fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>> {
         let root = self.root.clone();
-        Box::pin(blocking(move || {
-            Ok(ops
-                .iter()
-                .map(|op| write::apply_op(&root, op).err().map(|e| format!("{e:#}")))
-                .collect())
-        }))
+        Box::pin(blocking(move || Ok(write::apply_all(&root, &ops))))
     }
 }
 

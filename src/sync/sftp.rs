@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::pattern::Excludes;
-use super::tree::{is_temp_name, Entry, EntryKind, ListOpts, Listing, RelPath};
-use crate::fs::{Kind, Meta};
+use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
+use crate::fs::{temp, Kind, Meta};
 use crate::remote::Opener;
 use crate::transfer::fs::{Fs, Reader, Writer};
 use crate::transfer::RemoteFs;
@@ -133,8 +133,10 @@ impl SftpEndpoint {
                     tracing::warn!("skipping non-UTF-8 name {name:?} in {}", self.fs.show(&dir));
                     continue;
                 };
-                if is_temp_name(name) {
-                    if opts.clean_temps && m.kind != Kind::Dir {
+                if temp::is_temp(name.as_bytes()) {
+                    // SFTP cannot tell whether a writer still holds it: only old ones go.
+                    let stale = temp::unlocked_is_stale(m.mtime, now_secs());
+                    if opts.clean_temps && m.kind != Kind::Dir && stale {
                         let p = dir.join(name);
                         if let Err(e) = self.fs.remove(&p).await {
                             tracing::warn!("cannot remove stale {}: {e:#}", self.fs.show(&p));
@@ -265,7 +267,7 @@ impl SftpEndpoint {
             }
             Op::Symlink { path, target } => {
                 let p = self.safe_path(path, known).await?;
-                let tmp = temp_beside(&p, path);
+                let tmp = temp::beside(&p, false);
                 self.fs.symlink(Path::new(target), &tmp).await?;
                 if let Err(e) = self.fs.rename(&tmp, &p).await {
                     let _ = self.fs.remove(&tmp).await;
@@ -431,7 +433,7 @@ impl SftpEndpoint {
             bail!("refusing to write a file over the root");
         }
         let target = self.safe_path(rel, known).await?;
-        let temp = temp_beside(&target, rel);
+        let temp = temp::beside(&target, false);
         let writer = self.fs.open_write((&temp, &target), 0, true, false).await?;
         let chunk = self.fs.chunk().await? as usize;
         Ok(Incoming {
@@ -529,16 +531,6 @@ impl Incoming {
         }
         first
     }
-}
-
-/// A `.vtun-tmp.*` name beside `target` (never listed, cleaned up by the next sync).
-fn temp_beside(target: &Path, rel: &RelPath) -> PathBuf {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    dir.join(format!(
-        ".vtun-tmp.{}.{:016x}",
-        rel.name(),
-        rand::random::<u64>()
-    ))
 }
 
 fn now_secs() -> i64 {

@@ -4,7 +4,7 @@
 //! `..`, `.`, empty or absolute components: a hostile agent cannot name anything outside the root.
 //! Walking never follows symlinks; they are listed as links with their target.
 
-use crate::fs::FileTime;
+use crate::fs::{temp, FileTime};
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -141,7 +141,8 @@ pub struct ListOpts {
     pub start: RelPath,
     pub hashes: bool,
     pub excludes: Vec<String>,
-    /// Remove `.vtun-tmp.*` files left by an interrupted sync (destination side, not dry run).
+    /// Remove temporary files left by an interrupted sync or copy (destination side, not dry
+    /// run); those of a transfer still running are kept (see `crate::fs::temp`).
     pub clean_temps: bool,
 }
 
@@ -153,11 +154,6 @@ pub struct Listing {
     /// Mtimes are whole seconds (an SFTP listing): compare times at second granularity.
     /// Never sent over the agent protocol, whose listings are to the nanosecond.
     pub mtime_seconds: bool,
-}
-
-/// Temporary files of an interrupted sync: never listed, so never copied or compared.
-pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with(".vtun-tmp.")
 }
 
 /// Walk `root/start` without following symlinks.
@@ -216,11 +212,29 @@ fn visit(
         return Ok(());
     }
     let mut children = Vec::new();
+    // Opened on the first temporary file found: most directories hold none.
+    let mut here: Option<std::io::Result<crate::fs::Root>> = None;
     for item in
         std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?
     {
         let item = item.with_context(|| format!("cannot list {}", path.display()))?;
         let name = item.file_name();
+        if temp::is_temp(name.as_bytes()) {
+            if opts.clean_temps {
+                let dir = here.get_or_insert_with(|| crate::fs::Root::open(path));
+                let p = path.join(&name);
+                match dir
+                    .as_ref()
+                    .map_err(|e| e.kind().into())
+                    .and_then(|d| temp::remove_if_stale(d.dir(), &name))
+                {
+                    Ok(true) => tracing::debug!("removed stale {}", p.display()),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("cannot remove stale {}: {e}", p.display()),
+                }
+            }
+            continue;
+        }
         let Some(name) = name.to_str() else {
             tracing::warn!(
                 "skipping non-UTF-8 name {:?} in {}",
@@ -229,16 +243,6 @@ fn visit(
             );
             continue;
         };
-        if is_temp_name(name) {
-            if opts.clean_temps && !item.file_type().is_ok_and(|t| t.is_dir()) {
-                let p = path.join(name);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => tracing::debug!("removed stale {}", p.display()),
-                    Err(e) => tracing::warn!("cannot remove stale {}: {e}", p.display()),
-                }
-            }
-            continue;
-        }
         children.push(name.to_string());
     }
     children.sort();
@@ -352,6 +356,15 @@ mod tests {
         std::fs::write(d.path().join("a/sub/g.o"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc", d.path().join("a/l")).unwrap();
         std::fs::write(d.path().join("a/.vtun-tmp.f.123"), b"junk").unwrap();
+        let live = crate::fs::temp::TempFile::create(
+            crate::fs::Root::open(&d.path().join("a"))
+                .unwrap()
+                .dir()
+                .try_clone()
+                .unwrap(),
+            std::ffi::OsStr::new("g"),
+        )
+        .unwrap();
         let l = walk(
             d.path(),
             &ListOpts {
@@ -364,7 +377,11 @@ mod tests {
         .unwrap();
         let names: Vec<_> = l.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(names, ["a", "a/f", "a/l", "a/sub"]);
-        assert!(!d.path().join("a/.vtun-tmp.f.123").exists());
+        assert!(
+            !d.path().join("a/.vtun-tmp.f.123").exists(),
+            "a dead writer's is removed"
+        );
+        assert!(live.shown().exists(), "a live writer's is kept");
         assert_eq!(l.entries[1].kind, EntryKind::File { size: 2 });
         assert_eq!(l.entries[1].hash, Some(*blake3::hash(b"hi").as_bytes()));
         assert_eq!(

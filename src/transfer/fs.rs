@@ -21,7 +21,7 @@ pub use super::handle::{Reader, Writer};
 use super::proto::{self, Attrs};
 use super::sftp::{self, Sftp};
 use crate::fs::handle::file_times;
-use crate::fs::{io_text, FileTime, Kind, LocalReader, LocalWriter, Meta};
+use crate::fs::{io_text, temp, FileTime, Kind, LocalReader, LocalWriter, Meta};
 use crate::remote::Opener;
 
 /// The metadata of an SFTP entry, in the types every engine uses.
@@ -380,6 +380,10 @@ impl Fs {
                     .truncate(create && !keep)
                     .mode(0o600);
                 let f = o.open(path).map_err(|e| io_err(e, &self.show(named)))?;
+                if create && !keep {
+                    // Held while the copy runs, so a sync's cleanup knows the file is live.
+                    temp::lock(&f);
+                }
                 Ok(Writer::Local(LocalWriter::new(f)))
             }
             Fs::Remote(r) => {

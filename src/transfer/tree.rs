@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::engine::{temp_path, Engine};
+use super::engine::Engine;
 use super::fs::Fs;
 use crate::fs::{Kind, Meta};
 
@@ -182,7 +182,7 @@ async fn copy_tree_inner(
 /// Recreate symlink `src_path` at `dst_path` (atomically replacing what is there).
 pub async fn copy_link(src: &Fs, src_path: &Path, dst: &Fs, dst_path: &Path) -> Result<()> {
     let target = src.read_link(src_path).await?;
-    let temp = temp_path(dst_path, false);
+    let temp = crate::fs::temp::beside(dst_path, false);
     dst.symlink(&target, &temp).await?;
     if let Err(e) = dst.rename(&temp, dst_path).await {
         let _ = dst.remove(&temp).await;
