@@ -387,3 +387,47 @@ fn concurrent_syncs_into_one_directory_both_succeed() {
     assert_eq!(read(&dst.join("small.txt")), "small\n");
     assert!(!live_temps(), "no temporary file is left");
 }
+
+/// One rule for cp and sync: a symlink already inside the destination is replaced, never
+/// written through, in both directions, with the agent and over plain SFTP.
+#[test]
+fn sync_never_writes_through_a_symlink_in_the_destination() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("sub/deeper/f"), "data\n").unwrap();
+    std::fs::write(src.join("plain"), "plain\n").unwrap();
+    let outside = bed.dir("outside");
+    let dsts = [bed.dir("on-a"), bed.dir("sftp"), bed.dir("back")];
+    for dst in &dsts {
+        std::os::unix::fs::symlink(&outside, dst.join("sub")).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), dst.join("plain")).unwrap();
+    }
+    let [on_a, sftp, back] = &dsts;
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(on_a))]).assert_ok();
+    sync(
+        &bed,
+        &["--no-agent", &slash(&src), &format!("a:{}", slash(sftp))],
+    )
+    .assert_ok();
+    sync(&bed, &[&format!("a:{}", slash(on_a)), &slash(back)]).assert_ok();
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote through a link"
+    );
+    for dst in &dsts {
+        let (got, want) = (digest(dst), digest(&src));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, v) in &want {
+            assert_eq!(
+                (&got[k].0, &got[k].1),
+                (&v.0, &v.1),
+                "{k} in {}",
+                dst.display()
+            );
+        }
+    }
+}

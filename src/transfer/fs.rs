@@ -238,9 +238,40 @@ impl Fs {
         }
     }
 
-    /// Create directory `path`; an existing directory is fine.
+    /// Create directory `path`; an existing directory (or a symlink to one: this is for roots
+    /// the user named) is fine.
     pub async fn mkdir(&self, path: &Path, mode: u32) -> Result<()> {
-        let res = match self {
+        if let Err(e) = self.mkdir_once(path, mode).await {
+            match self.stat(path).await {
+                Ok(Some(m)) if m.kind == Kind::Dir => return Ok(()),
+                Ok(Some(_)) => bail!("{}: exists and is not a directory", self.show(path)),
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Create directory `path` inside a destination; an existing directory is fine, and a
+    /// symlink there is replaced by the directory, never followed (rsync's rule: what is
+    /// written beneath the destination stays beneath it).
+    pub async fn mkdir_inside(&self, path: &Path, mode: u32) -> Result<()> {
+        if let Err(e) = self.mkdir_once(path, mode).await {
+            match self.lstat(path).await {
+                Ok(Some(m)) if m.kind == Kind::Dir => return Ok(()),
+                Ok(Some(m)) if m.kind == Kind::Symlink => {
+                    tracing::info!("replacing symlink {} by a directory", self.show(path));
+                    self.remove(path).await?;
+                    return self.mkdir_once(path, mode).await;
+                }
+                Ok(Some(_)) => bail!("{}: exists and is not a directory", self.show(path)),
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn mkdir_once(&self, path: &Path, mode: u32) -> Result<()> {
+        match self {
             Fs::Local => {
                 let mut b = std::fs::DirBuilder::new();
                 std::os::unix::fs::DirBuilderExt::mode(&mut b, mode);
@@ -256,15 +287,7 @@ impl Fs {
                     .await
                     .map_err(|e| self.remote_err(e, path))
             }
-        };
-        if let Err(e) = res {
-            match self.stat(path).await {
-                Ok(Some(m)) if m.kind == Kind::Dir => return Ok(()),
-                Ok(Some(_)) => bail!("{}: exists and is not a directory", self.show(path)),
-                _ => return Err(e),
-            }
         }
-        Ok(())
     }
 
     pub async fn symlink(&self, target: &Path, link: &Path) -> Result<()> {

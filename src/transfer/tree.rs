@@ -4,7 +4,10 @@
 //!
 //! Symlinks are created last and as links (never followed), and a listing that names the same
 //! entry twice is refused: together these stop a hostile source from planting a link and then
-//! writing through it.
+//! writing through it. A symlink already in the destination where the source has a directory
+//! is replaced by that directory, never written through (sync's rule too, and rsync's), so one
+//! run cannot plant a link that a later run follows; where the copied directory itself would go,
+//! anything but a directory is refused.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -115,11 +118,14 @@ async fn copy_tree_inner(
         .collect();
     // Parents before children, siblings concurrently (each mkdir is a round trip).
     for level in by_depth(&dirs) {
-        let made = futures::stream::iter(level)
-            .map(|(rel, m)| async move { dst.mkdir(&dst_root.join(rel), 0o700 | m.mode).await })
-            .buffer_unordered(LIST_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
+        let made =
+            futures::stream::iter(level)
+                .map(|(rel, m)| async move {
+                    dst.mkdir_inside(&dst_root.join(rel), 0o700 | m.mode).await
+                })
+                .buffer_unordered(LIST_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
         made.into_iter().collect::<Result<Vec<()>>>()?;
     }
 
