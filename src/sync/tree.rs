@@ -4,7 +4,8 @@
 //! `..`, `.`, empty or absolute components: a hostile agent cannot name anything outside the root.
 //! Walking never follows symlinks; they are listed as links with their target.
 
-use crate::fs::{temp, FileTime};
+use crate::fs::{temp, Dir, FileTime, Root};
+use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -25,7 +26,7 @@ impl RelPath {
             return Ok(RelPath::default());
         }
         for comp in s.split('/') {
-            if comp.is_empty() || comp == "." || comp == ".." || comp.contains('\0') {
+            if crate::fs::beneath::check_name(comp.as_bytes()).is_err() {
                 bail!("refusing unsafe path {s:?} (component {comp:?})");
             }
         }
@@ -85,6 +86,19 @@ impl RelPath {
         other.0.is_empty()
             || self.0 == other.0
             || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+
+    /// The directory holding `self` beneath `root`, reached without following any symlink, and
+    /// `self`'s name in it. Refused for the root itself.
+    pub fn open_parent(&self, root: &Root) -> Result<(Dir, &OsStr)> {
+        let comps: Vec<&str> = self.components().collect();
+        let Some((name, parents)) = comps.split_last() else {
+            bail!("refusing to name the root itself");
+        };
+        let dir = root
+            .open_dir(parents)
+            .map_err(|e| anyhow::anyhow!("{}", crate::fs::io_text(&e)))?;
+        Ok((dir, OsStr::new(*name)))
     }
 
     /// The local path under `root`.

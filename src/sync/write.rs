@@ -7,7 +7,8 @@
 
 use crate::fs::beneath::{Dir, Root};
 use crate::fs::temp::{self, TempFile};
-use crate::fs::{io_text, FileTime, Kind};
+use crate::fs::Kind;
+use crate::fs::{io_text, FileTime};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
@@ -20,18 +21,6 @@ use tokio::sync::mpsc;
 use super::delta;
 use super::endpoint::{Op, Piece, RecvReport};
 use super::tree::RelPath;
-
-/// The directory holding `rel` (reached without following any symlink) and `rel`'s name in it.
-pub fn parent_of<'a>(root: &Root, rel: &'a RelPath) -> Result<(Dir, &'a OsStr)> {
-    let comps: Vec<&str> = rel.components().collect();
-    let Some((name, parents)) = comps.split_last() else {
-        bail!("refusing to name the root itself");
-    };
-    let dir = root
-        .open_dir(parents)
-        .map_err(|e| anyhow!("{}", io_text(&e)))?;
-    Ok((dir, OsStr::new(*name)))
-}
 
 /// How much written data `TempFile::write_behind` lets pile up before it starts writeback.
 const WRITE_BEHIND: u64 = 8 << 20;
@@ -215,7 +204,7 @@ fn begin(
             "refusing to write a file over the root"
         )));
     }
-    let (dir, name) = parent_of(root, rel).map_err(Failed::fatal)?;
+    let (dir, name) = rel.open_parent(root).map_err(Failed::fatal)?;
     let body = if delta {
         // The old file is gone or no longer a regular file: its delta cannot apply.
         let rebuild = dir
@@ -329,7 +318,7 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
             .set_own_mode(mode | 0o700)
             .with_context(|| format!("cannot chmod {}", root.path().display())),
         Op::Mkdir { path, mode } => {
-            let (dir, name) = parent_of(root, path)?;
+            let (dir, name) = path.open_parent(root)?;
             if dir.lstat(name)?.map(|m| m.kind) != Some(Kind::Dir) {
                 dir.mkdir(name, 0o700)
                     .with_context(|| ctx("cannot create directory", &dir, name))?;
@@ -339,7 +328,7 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
                 .with_context(|| ctx("cannot chmod", &dir, name))
         }
         Op::Symlink { path, target } => {
-            let (dir, name) = parent_of(root, path)?;
+            let (dir, name) = path.open_parent(root)?;
             let tmp = temp::name(name);
             dir.symlink(OsStr::new(target), &tmp)
                 .with_context(|| ctx("cannot create symlink", &dir, name))?;
@@ -352,7 +341,7 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
             if path.is_root() {
                 bail!("refusing to delete the root");
             }
-            let (dir, name) = parent_of(root, path)?;
+            let (dir, name) = path.open_parent(root)?;
             let m = match dir.lstat(name) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
@@ -388,7 +377,7 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
                 }
                 return Ok(());
             }
-            let (dir, name) = parent_of(root, path)?;
+            let (dir, name) = path.open_parent(root)?;
             if dir.lstat(name)?.is_none() {
                 bail!(
                     "cannot stat {}: no such file or directory",
@@ -420,7 +409,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
         let rel = RelPath::parse("link/x").unwrap();
         let root = Root::open(d.path()).unwrap();
-        assert!(parent_of(&root, &rel).is_err());
+        assert!(rel.open_parent(&root).is_err());
         let ops = [
             Op::Mkdir {
                 path: rel.clone(),

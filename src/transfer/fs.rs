@@ -44,8 +44,7 @@ fn meta_of_attrs(a: &Attrs) -> Meta {
 
 /// Accept a directory-listing name only if it names exactly one entry inside the directory.
 pub fn checked_name(name: &[u8], dir: &str) -> Result<OsString> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
+    if crate::fs::beneath::check_name(name).is_err() {
         bail!(
             "refusing unsafe name {:?} in the listing of {dir} (it would escape the destination)",
             String::from_utf8_lossy(name)
