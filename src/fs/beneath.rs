@@ -333,14 +333,62 @@ impl Dir {
         }
     }
 
-    /// Set the mtime of `name` itself (a symlink's own time, never its target's).
-    pub fn set_mtime(&self, name: &OsStr, mtime: FileTime) -> std::io::Result<()> {
-        set_mtime_at(self.raw(), &cstr(name)?, mtime)
+    /// Open `name` for writing, refusing a symlink; `create` makes it (with `mode`), `truncate`
+    /// empties it.
+    pub fn open_write(
+        &self,
+        name: &OsStr,
+        create: bool,
+        truncate: bool,
+        mode: u32,
+    ) -> std::io::Result<File> {
+        let mut flags = libc::O_WRONLY | libc::O_NOFOLLOW;
+        if create {
+            flags |= libc::O_CREAT;
+        }
+        if truncate {
+            flags |= libc::O_TRUNC;
+        }
+        let fd = open_at(self.raw(), &cstr(name)?, flags, mode)?;
+        Ok(File::from(fd))
     }
 
-    /// Set this directory's own mtime.
-    pub fn set_own_mtime(&self, mtime: FileTime) -> std::io::Result<()> {
-        let times = [omit_atime(), mtime.timespec()];
+    /// Set the mtime (and the atime, when given) of `name` itself: a symlink's own times, never
+    /// its target's.
+    pub fn set_times(
+        &self,
+        name: &OsStr,
+        atime: Option<FileTime>,
+        mtime: FileTime,
+    ) -> std::io::Result<()> {
+        let c = cstr(name)?;
+        let times = [
+            atime.map_or_else(omit_atime, FileTime::timespec),
+            mtime.timespec(),
+        ];
+        // SAFETY: valid NUL-terminated name and two timespecs.
+        let r = unsafe {
+            libc::utimensat(
+                self.raw(),
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        check(r).map(drop)
+    }
+
+    /// Set the mtime of `name` itself (a symlink's own time, never its target's).
+    pub fn set_mtime(&self, name: &OsStr, mtime: FileTime) -> std::io::Result<()> {
+        self.set_times(name, None, mtime)
+    }
+
+    /// Set this directory's own mtime (and atime, when given).
+    pub fn set_own_times(&self, atime: Option<FileTime>, mtime: FileTime) -> std::io::Result<()> {
+        let times = [
+            atime.map_or_else(omit_atime, FileTime::timespec),
+            mtime.timespec(),
+        ];
         // SAFETY: a descriptor we own and two timespecs.
         check(unsafe { libc::futimens(self.raw(), times.as_ptr()) }).map(drop)
     }
@@ -390,20 +438,6 @@ fn omit_atime() -> libc::timespec {
         tv_sec: 0,
         tv_nsec: libc::UTIME_OMIT,
     }
-}
-
-fn set_mtime_at(dir: RawFd, name: &CStr, mtime: FileTime) -> std::io::Result<()> {
-    let times = [omit_atime(), mtime.timespec()];
-    // SAFETY: valid NUL-terminated name and two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            dir,
-            name.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    check(r).map(drop)
 }
 
 fn meta_of_stat(st: &libc::stat) -> Meta {

@@ -371,7 +371,7 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
                         .with_context(|| format!("cannot chmod {}", root.path().display()))?;
                 }
                 if let Some(t) = mtime {
-                    d.set_own_mtime(*t).with_context(|| {
+                    d.set_own_times(None, *t).with_context(|| {
                         format!("cannot set mtime of {}", root.path().display())
                     })?;
                 }

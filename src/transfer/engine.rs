@@ -316,7 +316,9 @@ impl Engine {
 fn abandoned(fs: &Fs, path: &Path) -> Guard<impl FnOnce()> {
     let (fs, path) = (fs.clone(), path.to_path_buf());
     Guard::new(move || match fs {
-        Fs::Local => {
+        // Beneath a root too: the temporary name was made there, and removing by name can only
+        // remove that name.
+        Fs::Local | Fs::Beneath(_) => {
             let _ = std::fs::remove_file(&path);
         }
         Fs::Remote(r) => {

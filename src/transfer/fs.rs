@@ -5,7 +5,9 @@
 //! A remote host keeps up to N SFTP streams (each a separate SSH channel), opened lazily; callers
 //! pick a stream by slot so parallel ranges and concurrent small files spread over channels.
 //! Directory listings are validated here, before any caller sees a name: a name with `/`, or
-//! `.`/`..`, or an empty one is refused (scp's CVE-2019-6111 class).
+//! `.`/`..`, or an empty one is refused (scp's CVE-2019-6111 class). A local tree destination is
+//! [`Fs::Beneath`] its root, so its writes descend by directory descriptor like sync's; a remote
+//! one can only be checked with `lstat` over SFTP, which has no descriptor-relative calls.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -21,7 +23,7 @@ pub use super::handle::{Reader, Writer};
 use super::proto::{self, Attrs};
 use super::sftp::{self, Sftp};
 use crate::fs::handle::file_times;
-use crate::fs::{io_text, temp, FileTime, Kind, LocalReader, LocalWriter, Meta};
+use crate::fs::{io_text, temp, Dir, FileTime, Kind, LocalReader, LocalWriter, Meta, Root};
 use crate::remote::Opener;
 
 /// The metadata of an SFTP entry, in the types every engine uses.
@@ -115,14 +117,51 @@ impl RemoteFs {
 #[derive(Clone)]
 pub enum Fs {
     Local,
+    /// The local disk beneath a destination root: every write descends from the root by
+    /// directory descriptor and never follows a symlink (see `crate::fs::beneath`). Paths are
+    /// still full paths (they start with the root's), so the engine is the same code.
+    Beneath(Arc<Root>),
     Remote(Arc<RemoteFs>),
+}
+
+/// `path` beneath `root` as its directory and its name there (`None`: the root itself).
+fn split_beneath(root: &Root, path: &Path) -> std::io::Result<(Dir, Option<OsString>)> {
+    let outside = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not beneath the destination",
+        )
+    };
+    let rel = path.strip_prefix(root.path()).map_err(|_| outside())?;
+    let mut comps = Vec::new();
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(n) => comps.push(n),
+            _ => return Err(outside()),
+        }
+    }
+    let Some(name) = comps.pop() else {
+        return Ok((root.dir().try_clone()?, None));
+    };
+    Ok((root.open_dir(comps)?, Some(name.to_os_string())))
+}
+
+/// As [`split_beneath`], for an operation on an entry (not the root itself).
+fn entry_beneath(root: &Root, path: &Path) -> std::io::Result<(Dir, OsString)> {
+    match split_beneath(root, path)? {
+        (dir, Some(name)) => Ok((dir, name)),
+        (_, None) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is the destination root itself",
+        )),
+    }
 }
 
 impl Fs {
     /// `path` as the user would write it (`host:path` for remote ones).
     pub fn show(&self, path: &Path) -> String {
         match self {
-            Fs::Local => path.display().to_string(),
+            Fs::Local | Fs::Beneath(_) => path.display().to_string(),
             Fs::Remote(r) => format!("{}:{}", r.name(), path.display()),
         }
     }
@@ -138,7 +177,7 @@ impl Fs {
     /// Largest request size both this side's protocol and memory use favour.
     pub async fn chunk(&self) -> Result<u32> {
         match self {
-            Fs::Local => Ok(256 * 1024),
+            Fs::Local | Fs::Beneath(_) => Ok(256 * 1024),
             Fs::Remote(r) => {
                 let (read, write) = r.client(0).await?.limits().await?;
                 Ok(read.min(write))
@@ -158,7 +197,15 @@ impl Fs {
 
     async fn stat_inner(&self, path: &Path, follow: bool) -> Result<Option<Meta>> {
         match self {
-            Fs::Local => {
+            Fs::Beneath(root) if !follow => {
+                let r = entry_beneath(root, path).and_then(|(dir, name)| dir.lstat(&name));
+                match r {
+                    Ok(m) => Ok(m),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io_err(e, &self.show(path))),
+                }
+            }
+            Fs::Local | Fs::Beneath(_) => {
                 let p = path.to_path_buf();
                 let r = tokio::task::spawn_blocking(move || {
                     if follow {
@@ -194,7 +241,7 @@ impl Fs {
     pub async fn read_dir(&self, path: &Path) -> Result<Vec<(OsString, Meta)>> {
         let shown = self.show(path);
         match self {
-            Fs::Local => {
+            Fs::Local | Fs::Beneath(_) => {
                 let p = path.to_path_buf();
                 tokio::task::spawn_blocking(move || {
                     let mut out = Vec::new();
@@ -225,7 +272,9 @@ impl Fs {
 
     pub async fn read_link(&self, path: &Path) -> Result<PathBuf> {
         match self {
-            Fs::Local => std::fs::read_link(path).map_err(|e| io_err(e, &self.show(path))),
+            Fs::Local | Fs::Beneath(_) => {
+                std::fs::read_link(path).map_err(|e| io_err(e, &self.show(path)))
+            }
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
                 let t = c
@@ -271,6 +320,9 @@ impl Fs {
 
     async fn mkdir_once(&self, path: &Path, mode: u32) -> Result<()> {
         match self {
+            Fs::Beneath(root) => entry_beneath(root, path)
+                .and_then(|(dir, name)| dir.mkdir(&name, mode))
+                .map_err(|e| io_err(e, &self.show(path))),
             Fs::Local => {
                 let mut b = std::fs::DirBuilder::new();
                 std::os::unix::fs::DirBuilderExt::mode(&mut b, mode);
@@ -291,6 +343,9 @@ impl Fs {
 
     pub async fn symlink(&self, target: &Path, link: &Path) -> Result<()> {
         match self {
+            Fs::Beneath(root) => entry_beneath(root, link)
+                .and_then(|(dir, name)| dir.symlink(target.as_os_str(), &name))
+                .map_err(|e| io_err(e, &self.show(link))),
             Fs::Local => {
                 std::os::unix::fs::symlink(target, link).map_err(|e| io_err(e, &self.show(link)))
             }
@@ -303,9 +358,19 @@ impl Fs {
         }
     }
 
-    /// Rename `from` over `to`, replacing it atomically.
+    /// Rename `from` over `to`, replacing it atomically (beneath a root: both in one directory,
+    /// as a temporary file and its final name are).
     pub async fn rename(&self, from: &Path, to: &Path) -> Result<()> {
         match self {
+            Fs::Beneath(root) => {
+                if from.parent() != to.parent() {
+                    bail!("{}: not beside {}", self.show(from), self.show(to));
+                }
+                let to_name = to.file_name().unwrap_or_default();
+                entry_beneath(root, from)
+                    .and_then(|(dir, name)| dir.rename(&name, to_name))
+                    .map_err(|e| io_err(e, &self.show(to)))
+            }
             Fs::Local => std::fs::rename(from, to).map_err(|e| io_err(e, &self.show(to))),
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
@@ -316,6 +381,9 @@ impl Fs {
 
     pub async fn remove(&self, path: &Path) -> Result<()> {
         match self {
+            Fs::Beneath(root) => entry_beneath(root, path)
+                .and_then(|(dir, name)| dir.unlink(&name))
+                .map_err(|e| io_err(e, &self.show(path))),
             Fs::Local => std::fs::remove_file(path).map_err(|e| io_err(e, &self.show(path))),
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
@@ -332,6 +400,27 @@ impl Fs {
         times: Option<(FileTime, FileTime)>,
     ) -> Result<()> {
         match self {
+            Fs::Beneath(root) => {
+                let set = |(dir, name): (Dir, Option<OsString>)| match name {
+                    Some(name) => {
+                        dir.chmod(&name, mode)?;
+                        match times {
+                            Some((a, m)) => dir.set_times(&name, Some(a), m),
+                            None => Ok(()),
+                        }
+                    }
+                    None => {
+                        dir.set_own_mode(mode)?;
+                        match times {
+                            Some((a, m)) => dir.set_own_times(Some(a), m),
+                            None => Ok(()),
+                        }
+                    }
+                };
+                split_beneath(root, path)
+                    .and_then(set)
+                    .map_err(|e| io_err(e, &self.show(path)))
+            }
             Fs::Local => {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .map_err(|e| io_err(e, &self.show(path)))?;
@@ -354,7 +443,9 @@ impl Fs {
     /// The canonical absolute path (used to name `.`, `..` or `/` operands).
     pub async fn canonical(&self, path: &Path) -> Result<PathBuf> {
         match self {
-            Fs::Local => std::fs::canonicalize(path).map_err(|e| io_err(e, &self.show(path))),
+            Fs::Local | Fs::Beneath(_) => {
+                std::fs::canonicalize(path).map_err(|e| io_err(e, &self.show(path)))
+            }
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
                 let p = c
@@ -369,7 +460,7 @@ impl Fs {
     /// Open `path` for reading through stream `slot`.
     pub async fn open_read(&self, path: &Path, slot: usize) -> Result<Reader> {
         match self {
-            Fs::Local => {
+            Fs::Local | Fs::Beneath(_) => {
                 let f = std::fs::File::open(path).map_err(|e| io_err(e, &self.show(path)))?;
                 Ok(Reader::Local(LocalReader::new(f)))
             }
@@ -395,6 +486,15 @@ impl Fs {
         keep: bool,
     ) -> Result<Writer> {
         match self {
+            Fs::Beneath(root) => {
+                let f = entry_beneath(root, path)
+                    .and_then(|(dir, name)| dir.open_write(&name, create, create && !keep, 0o600))
+                    .map_err(|e| io_err(e, &self.show(named)))?;
+                if create && !keep {
+                    temp::lock(&f);
+                }
+                Ok(Writer::Local(LocalWriter::new(f)))
+            }
             Fs::Local => {
                 let mut o = std::fs::OpenOptions::new();
                 o.write(true)
@@ -433,7 +533,7 @@ impl Fs {
     /// Free bytes on the filesystem holding `path`, when the far side can tell.
     pub async fn free_space(&self, path: &Path) -> Option<u64> {
         match self {
-            Fs::Local => None,
+            Fs::Local | Fs::Beneath(_) => None,
             Fs::Remote(r) => {
                 let c = r.client(0).await.ok()?;
                 c.free_space(path).await.ok().flatten()
@@ -446,6 +546,34 @@ impl Fs {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn beneath_a_root_no_write_follows_a_symlinked_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = d.path().join("dst");
+        std::fs::create_dir(&root).unwrap();
+        let fs = Fs::Beneath(Arc::new(Root::open(&root).unwrap()));
+        // Planted before the copy: replaced by the directory, not followed.
+        std::os::unix::fs::symlink(outside.path(), root.join("sub")).unwrap();
+        fs.mkdir_inside(&root.join("sub"), 0o755).await.unwrap();
+        assert!(std::fs::symlink_metadata(root.join("sub"))
+            .unwrap()
+            .is_dir());
+        // Swapped in after the directory was made: every write through it is refused.
+        std::fs::rename(root.join("sub"), root.join("moved")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("sub")).unwrap();
+        let f = root.join("sub/f");
+        assert!(fs.open_write((&f, &f), 0, true, false).await.is_err());
+        assert!(fs.symlink(Path::new("x"), &f).await.is_err());
+        assert!(fs.mkdir(&root.join("sub/d"), 0o755).await.is_err());
+        assert!(fs.set_meta(&root.join("sub/x"), 0o777, None).await.is_err());
+        assert!(fs
+            .open_write((&root.join("../esc"), &f), 0, true, false)
+            .await
+            .is_err());
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
 
     #[test]
     fn listing_names_must_stay_inside_the_directory() {

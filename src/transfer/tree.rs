@@ -17,7 +17,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::engine::Engine;
 use super::fs::Fs;
-use crate::fs::{Kind, Meta};
+use crate::fs::{Kind, Meta, Root};
+use std::sync::Arc;
 
 /// Directory listings (or mkdirs) in flight at once.
 const LIST_CONCURRENCY: usize = 16;
@@ -111,6 +112,22 @@ async fn copy_tree_inner(
     engine.progress.add_total(files, bytes);
 
     dst.mkdir(dst_root, 0o700 | root_meta.mode).await?;
+    // A local destination is written beneath its root by directory descriptor from here on.
+    let beneath;
+    let dst = match dst {
+        Fs::Local => {
+            let root = Root::open(dst_root).map_err(|e| {
+                anyhow!(
+                    "cannot open {}: {}",
+                    dst.show(dst_root),
+                    crate::fs::io_text(&e)
+                )
+            })?;
+            beneath = Fs::Beneath(Arc::new(root));
+            &beneath
+        }
+        other => other,
+    };
     let dirs: Vec<(PathBuf, Meta)> = entries
         .iter()
         .filter(|(_, m)| m.kind == Kind::Dir)
