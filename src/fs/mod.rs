@@ -1,5 +1,11 @@
-//! File safety shared by cp and sync: metadata types, local handles, atomic temp-and-commit and
-//! safe descent beneath a destination root.
+//! File safety shared by cp and sync, one home for each rule: what an entry is (`meta`, `time`),
+//! local file handles read and written by offset (`handle`), temporary names and atomic commit
+//! with cleanup that spares live writers (`temp`), and descent beneath a destination root by
+//! directory descriptor (`beneath`).
+//!
+//! The one non-obvious thing: nothing here checks a path and then uses it by name. Writes go
+//! through a [`Dir`] reached from a [`Root`] without following symlinks, so a race cannot move
+//! them outside the destination; see `beneath` for why a check alone is not enough.
 
 pub mod beneath;
 pub mod handle;

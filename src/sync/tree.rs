@@ -4,11 +4,10 @@
 //! `..`, `.`, empty or absolute components: a hostile agent cannot name anything outside the root.
 //! Walking never follows symlinks; they are listed as links with their target.
 
-use crate::fs::{temp, Dir, FileTime, Root};
+use crate::fs::{temp, Dir, FileTime, Kind, Meta, Root};
 use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -117,6 +116,8 @@ impl std::fmt::Display for RelPath {
     }
 }
 
+/// What a listed entry is, with what a sync compares for it: a file's size, a link's target.
+/// (The plain file type is [`crate::fs::Kind`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,
@@ -278,27 +279,28 @@ fn visit(
 }
 
 fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Option<Entry>> {
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        EntryKind::Dir
-    } else if ft.is_file() {
-        EntryKind::File { size: m.len() }
-    } else if ft.is_symlink() {
-        let t = std::fs::read_link(path)
-            .with_context(|| format!("cannot read link {}", path.display()))?;
-        let Some(target) = t.to_str() else {
-            tracing::warn!(
-                "skipping symlink {} with a non-UTF-8 target",
-                path.display()
-            );
-            return Ok(None);
-        };
-        EntryKind::Symlink {
-            target: target.to_string(),
+    let meta = Meta::of(m);
+    let kind = match meta.kind {
+        Kind::Dir => EntryKind::Dir,
+        Kind::File => EntryKind::File { size: meta.size },
+        Kind::Symlink => {
+            let t = std::fs::read_link(path)
+                .with_context(|| format!("cannot read link {}", path.display()))?;
+            let Some(target) = t.to_str() else {
+                tracing::warn!(
+                    "skipping symlink {} with a non-UTF-8 target",
+                    path.display()
+                );
+                return Ok(None);
+            };
+            EntryKind::Symlink {
+                target: target.to_string(),
+            }
         }
-    } else {
-        tracing::warn!("skipping special file {}", path.display());
-        return Ok(None);
+        Kind::Other => {
+            tracing::warn!("skipping special file {}", path.display());
+            return Ok(None);
+        }
     };
     let hash = match (&kind, hashes) {
         (EntryKind::File { .. }, true) => Some(hash_file(path)?),
@@ -307,8 +309,8 @@ fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Op
     Ok(Some(Entry {
         path: rel,
         kind,
-        mode: m.permissions().mode() & 0o7777,
-        mtime: FileTime::mtime_of(m),
+        mode: meta.mode,
+        mtime: meta.mtime,
         hash,
     }))
 }
