@@ -431,3 +431,51 @@ fn sync_never_writes_through_a_symlink_in_the_destination() {
         }
     }
 }
+
+/// Leftovers of an interrupted run are removed by the next one: with the agent, any that no
+/// writer holds locked; over plain SFTP, which cannot see locks, only those untouched for hours.
+#[test]
+fn leftover_temps_are_removed_only_when_stale() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    std::fs::write(src.join("f"), "f\n").unwrap();
+    let (agent, sftp) = (bed.dir("agent"), bed.dir("sftp"));
+    let old = std::time::SystemTime::now() - Duration::from_secs(7 * 3600);
+    for dst in [&agent, &sftp] {
+        for (name, when) in [
+            (".vtun-tmp.f.00000000000000aa", Some(old)),
+            (".vtun-tmp.g.00000000000000bb", None),
+        ] {
+            let p = dst.join(name);
+            std::fs::write(&p, "left over\n").unwrap();
+            if let Some(t) = when {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        }
+    }
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(&agent))]).assert_ok();
+    sync(
+        &bed,
+        &["--no-agent", &slash(&src), &format!("a:{}", slash(&sftp))],
+    )
+    .assert_ok();
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&agent), ["f"], "nobody holds either lock");
+    assert_eq!(
+        names(&sftp),
+        [".vtun-tmp.g.00000000000000bb", "f"],
+        "only the old one goes"
+    );
+}
