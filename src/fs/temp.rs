@@ -10,8 +10,9 @@
 //! and each removes leftovers of interrupted runs, so "a temp name" cannot mean "garbage". A
 //! writer holds an exclusive `flock` on its temporary file from creation until it is renamed or
 //! removed (on this machine and in the agent, both our code); a leftover is removed only if that
-//! lock can be taken without waiting. A temp that cannot be locked — a symlink's, or any temp
-//! seen over plain SFTP — is stale only when untouched for [`UNLOCKED_STALE_SECS`].
+//! lock can be taken without waiting. A temp that cannot be locked — a symlink's, one written
+//! over SFTP (its name says so, see [`Hold::Age`]), or any temp a cleanup sees over SFTP — is
+//! stale only when untouched for [`UNLOCKED_STALE_SECS`].
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -43,9 +44,29 @@ fn shortened(name: &[u8], room: usize) -> &[u8] {
     &name[..keep]
 }
 
-/// A fresh temporary name for `final_name`: `.vtun-tmp.<name>.<16 hex>`, at most 255 bytes.
-pub fn name(final_name: &OsStr) -> OsString {
-    let suffix = format!(".{:016x}", rand::random::<u64>());
+/// What keeps a temporary file from being taken for a leftover while it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Its writer holds an `flock` on it (our code, on the machine that holds the file).
+    Lock,
+    /// Its writer cannot lock it (over SFTP): only its age tells it is stale. Such names end
+    /// in [`UNLOCKED_MARK`], so a cleanup that could lock them knows not to trust that.
+    Age,
+    /// cp's `--resume` partial: a fixed name, kept on purpose and never cleaned up.
+    Resume,
+}
+
+/// The end of the name of a temporary file whose writer cannot lock it.
+pub const UNLOCKED_MARK: &str = ".u";
+
+/// A fresh temporary name for `final_name`: `.vtun-tmp.<name>.<16 hex>` (plus
+/// [`UNLOCKED_MARK`] for [`Hold::Age`]), at most 255 bytes.
+pub fn name(final_name: &OsStr, hold: Hold) -> OsString {
+    if hold == Hold::Resume {
+        return resume_name(final_name);
+    }
+    let mark = if hold == Hold::Age { UNLOCKED_MARK } else { "" };
+    let suffix = format!(".{:016x}{mark}", rand::random::<u64>());
     let room = NAME_MAX - PREFIX.len() - suffix.len();
     let mut t = PREFIX.to_vec();
     t.extend_from_slice(shortened(final_name.as_bytes(), room));
@@ -54,7 +75,7 @@ pub fn name(final_name: &OsStr) -> OsString {
 }
 
 /// The fixed name of `final_name`'s resumable partial: `.<name>.vtun.part`, at most 255 bytes.
-pub fn resume_name(final_name: &OsStr) -> OsString {
+fn resume_name(final_name: &OsStr) -> OsString {
     let room = NAME_MAX - 1 - RESUME_SUFFIX.len();
     let mut t = vec![b'.'];
     t.extend_from_slice(shortened(final_name.as_bytes(), room));
@@ -62,14 +83,10 @@ pub fn resume_name(final_name: &OsStr) -> OsString {
     OsString::from_vec(t)
 }
 
-/// A fresh temporary path beside `final_path` (or its fixed resumable one).
-pub fn beside(final_path: &Path, resumable: bool) -> PathBuf {
+/// A temporary path beside `final_path` (fresh, or the fixed resumable one).
+pub fn beside(final_path: &Path, hold: Hold) -> PathBuf {
     let base = final_path.file_name().unwrap_or(OsStr::new("file"));
-    final_path.with_file_name(if resumable {
-        resume_name(base)
-    } else {
-        name(base)
-    })
+    final_path.with_file_name(name(base, hold))
 }
 
 /// Is `name` one of our temporary names? Listings skip these, so they are never copied,
@@ -116,9 +133,10 @@ pub fn remove_if_stale(dir: &Dir, name: &OsStr) -> std::io::Result<bool> {
     let Some(m) = dir.lstat(name)? else {
         return Ok(false);
     };
+    let locked = !name.as_bytes().ends_with(UNLOCKED_MARK.as_bytes());
     match m.kind {
         Kind::Dir => return Ok(false),
-        Kind::File => {
+        Kind::File if locked => {
             let f = match dir.open_file(name) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -177,7 +195,7 @@ impl TempFile {
     /// Create a fresh temporary file (mode 0600) for `final_name` in `dir`, locked.
     pub fn create(dir: Dir, final_name: &OsStr) -> std::io::Result<TempFile> {
         loop {
-            let name = name(final_name);
+            let name = name(final_name, Hold::Lock);
             let file = dir.create_new(&name, 0o600)?;
             // A cleaner may have found the file between its creation and our lock: then it
             // holds the lock or has unlinked the file, and it owns that name now.
@@ -234,17 +252,18 @@ mod tests {
     fn names_never_pass_name_max_and_are_recognised() {
         for len in [1, 100, 228, 229, 240, 255] {
             let n = OsString::from("x".repeat(len));
-            for t in [name(&n), resume_name(&n)] {
-                assert!(t.len() <= NAME_MAX, "{len}: {}", t.len());
+            for hold in [Hold::Lock, Hold::Age, Hold::Resume] {
+                let t = name(&n, hold);
+                assert!(t.len() <= NAME_MAX, "{len} {hold:?}: {}", t.len());
+                assert_eq!(is_temp(t.as_bytes()), hold != Hold::Resume, "{hold:?}");
             }
-            assert!(is_temp(name(&n).as_bytes()));
-            assert!(!is_temp(n.as_bytes()) && !is_temp(resume_name(&n).as_bytes()));
+            assert!(!is_temp(n.as_bytes()));
         }
-        assert_eq!(resume_name(OsStr::new("f.txt")), ".f.txt.vtun.part");
+        assert_eq!(name(OsStr::new("f.txt"), Hold::Resume), ".f.txt.vtun.part");
         // Cut at a character boundary: é is two bytes.
-        let t = name(&OsString::from("é".repeat(127)));
+        let t = name(&OsString::from("é".repeat(127)), Hold::Lock);
         assert!(std::str::from_utf8(t.as_bytes()).is_ok());
-        let p = beside(Path::new("/d/file"), true);
+        let p = beside(Path::new("/d/file"), Hold::Resume);
         assert_eq!(p, Path::new("/d/.file.vtun.part"));
     }
 
@@ -256,12 +275,12 @@ mod tests {
         let live_name = live.name.clone();
         assert!(!remove_if_stale(root.dir(), &live_name).unwrap(), "in use");
         // Left by a writer that died: nobody holds its lock.
-        let dead = name(OsStr::new("g"));
+        let dead = name(OsStr::new("g"), Hold::Lock);
         std::fs::write(d.path().join(&dead), b"junk").unwrap();
         assert!(remove_if_stale(root.dir(), &dead).unwrap());
         assert!(!d.path().join(&dead).exists());
         // A symlink temp cannot be locked: only an old one goes.
-        let link = name(OsStr::new("l"));
+        let link = name(OsStr::new("l"), Hold::Age);
         root.dir().symlink(OsStr::new("t"), &link).unwrap();
         assert!(!remove_if_stale(root.dir(), &link).unwrap());
         root.dir().set_mtime(&link, FileTime::from_secs(1)).unwrap();

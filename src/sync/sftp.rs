@@ -267,7 +267,7 @@ impl SftpEndpoint {
             }
             Op::Symlink { path, target } => {
                 let p = self.safe_path(path, known).await?;
-                let tmp = temp::beside(&p, false);
+                let tmp = temp::beside(&p, temp::Hold::Age);
                 self.fs.symlink(Path::new(target), &tmp).await?;
                 if let Err(e) = self.fs.rename(&tmp, &p).await {
                     let _ = self.fs.remove(&tmp).await;
@@ -433,7 +433,7 @@ impl SftpEndpoint {
             bail!("refusing to write a file over the root");
         }
         let target = self.safe_path(rel, known).await?;
-        let temp = temp::beside(&target, false);
+        let temp = temp::beside(&target, temp::Hold::Age);
         let writer = self.fs.open_write((&temp, &target), 0, true, false).await?;
         let chunk = self.fs.chunk().await? as usize;
         Ok(Incoming {

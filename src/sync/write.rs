@@ -329,7 +329,7 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
         }
         Op::Symlink { path, target } => {
             let (dir, name) = path.open_parent(root)?;
-            let tmp = temp::name(name);
+            let tmp = temp::name(name, temp::Hold::Age);
             dir.symlink(OsStr::new(target), &tmp)
                 .with_context(|| ctx("cannot create symlink", &dir, name))?;
             dir.rename(&tmp, name).map_err(|e| {

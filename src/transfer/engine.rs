@@ -148,7 +148,13 @@ impl Engine {
         dst_path: &Path,
         slot: usize,
     ) -> Result<()> {
-        let temp = temp::beside(dst_path, self.opts.resume);
+        let hold = match (self.opts.resume, dst.is_remote()) {
+            (true, _) => temp::Hold::Resume,
+            // Over SFTP nobody can hold a lock on it.
+            (false, true) => temp::Hold::Age,
+            (false, false) => temp::Hold::Lock,
+        };
+        let temp = temp::beside(dst_path, hold);
         let mut start = 0;
         if self.opts.resume {
             if let Ok(Some(m)) = dst.lstat(&temp).await {

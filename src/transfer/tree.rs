@@ -205,7 +205,8 @@ async fn copy_tree_inner(
 /// Recreate symlink `src_path` at `dst_path` (atomically replacing what is there).
 pub async fn copy_link(src: &Fs, src_path: &Path, dst: &Fs, dst_path: &Path) -> Result<()> {
     let target = src.read_link(src_path).await?;
-    let temp = crate::fs::temp::beside(dst_path, false);
+    // A symlink cannot be locked: only age marks a leftover one.
+    let temp = crate::fs::temp::beside(dst_path, crate::fs::temp::Hold::Age);
     dst.symlink(&target, &temp).await?;
     if let Err(e) = dst.rename(&temp, dst_path).await {
         let _ = dst.remove(&temp).await;
