@@ -152,6 +152,10 @@ impl Root {
         &self.0
     }
 
+    pub fn into_dir(self) -> Dir {
+        self.0
+    }
+
     /// The directory `comps` names beneath the root (the root for none), each component a real
     /// directory: a symlink anywhere on the way is refused, whatever happens concurrently.
     pub fn open_dir<I, S>(&self, comps: I) -> std::io::Result<Dir>

@@ -11,7 +11,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,7 +21,6 @@ use super::handle::attrs_for;
 pub use super::handle::{Reader, Writer};
 use super::proto::{self, Attrs};
 use super::sftp::{self, Sftp};
-use crate::fs::handle::file_times;
 use crate::fs::{io_text, temp, Dir, FileTime, Kind, LocalReader, LocalWriter, Meta, Root};
 use crate::remote::Opener;
 
@@ -116,6 +114,8 @@ impl RemoteFs {
 /// One side of a copy.
 #[derive(Clone)]
 pub enum Fs {
+    /// The local disk, by the paths the user named: a write happens in its path's parent
+    /// directory and never follows a symlink in the last component.
     Local,
     /// The local disk beneath a destination root: every write descends from the root by
     /// directory descriptor and never follows a symlink (see `crate::fs::beneath`). Paths are
@@ -146,18 +146,37 @@ fn split_beneath(root: &Root, path: &Path) -> std::io::Result<(Dir, Option<OsStr
     Ok((root.open_dir(comps)?, Some(name.to_os_string())))
 }
 
-/// As [`split_beneath`], for an operation on an entry (not the root itself).
-fn entry_beneath(root: &Root, path: &Path) -> std::io::Result<(Dir, OsString)> {
-    match split_beneath(root, path)? {
-        (dir, Some(name)) => Ok((dir, name)),
-        (_, None) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "is the destination root itself",
-        )),
-    }
-}
-
 impl Fs {
+    /// Where a local write to `path` happens, as a directory and a name in it (`None`: that
+    /// directory itself). Beneath a root, reached from the root by descriptor; on the plain
+    /// local side (a path the user named), in its parent directory as the path names it.
+    fn local_node(&self, path: &Path) -> std::io::Result<(Dir, Option<OsString>)> {
+        if let Fs::Beneath(root) = self {
+            return split_beneath(root, path);
+        }
+        match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => {
+                let parent = match parent.as_os_str().is_empty() {
+                    true => Path::new("."),
+                    false => parent,
+                };
+                Ok((Root::open(parent)?.into_dir(), Some(name.to_os_string())))
+            }
+            _ => Ok((Root::open(path)?.into_dir(), None)),
+        }
+    }
+
+    /// As [`Fs::local_node`], for an operation on an entry (not a directory's own metadata).
+    fn local_entry(&self, path: &Path) -> std::io::Result<(Dir, OsString)> {
+        match self.local_node(path)? {
+            (dir, Some(name)) => Ok((dir, name)),
+            (_, None) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "names a directory, not an entry in one",
+            )),
+        }
+    }
+
     /// `path` as the user would write it (`host:path` for remote ones).
     pub fn show(&self, path: &Path) -> String {
         match self {
@@ -197,8 +216,10 @@ impl Fs {
 
     async fn stat_inner(&self, path: &Path, follow: bool) -> Result<Option<Meta>> {
         match self {
-            Fs::Beneath(root) if !follow => {
-                let r = entry_beneath(root, path).and_then(|(dir, name)| dir.lstat(&name));
+            Fs::Beneath(_) if !follow => {
+                let r = self
+                    .local_entry(path)
+                    .and_then(|(dir, name)| dir.lstat(&name));
                 match r {
                     Ok(m) => Ok(m),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -320,14 +341,10 @@ impl Fs {
 
     async fn mkdir_once(&self, path: &Path, mode: u32) -> Result<()> {
         match self {
-            Fs::Beneath(root) => entry_beneath(root, path)
+            Fs::Local | Fs::Beneath(_) => self
+                .local_entry(path)
                 .and_then(|(dir, name)| dir.mkdir(&name, mode))
                 .map_err(|e| io_err(e, &self.show(path))),
-            Fs::Local => {
-                let mut b = std::fs::DirBuilder::new();
-                std::os::unix::fs::DirBuilderExt::mode(&mut b, mode);
-                b.create(path).map_err(|e| io_err(e, &self.show(path)))
-            }
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
                 let attrs = Attrs {
@@ -343,12 +360,10 @@ impl Fs {
 
     pub async fn symlink(&self, target: &Path, link: &Path) -> Result<()> {
         match self {
-            Fs::Beneath(root) => entry_beneath(root, link)
+            Fs::Local | Fs::Beneath(_) => self
+                .local_entry(link)
                 .and_then(|(dir, name)| dir.symlink(target.as_os_str(), &name))
                 .map_err(|e| io_err(e, &self.show(link))),
-            Fs::Local => {
-                std::os::unix::fs::symlink(target, link).map_err(|e| io_err(e, &self.show(link)))
-            }
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
                 c.symlink(target, link)
@@ -362,16 +377,15 @@ impl Fs {
     /// as a temporary file and its final name are).
     pub async fn rename(&self, from: &Path, to: &Path) -> Result<()> {
         match self {
-            Fs::Beneath(root) => {
+            Fs::Local | Fs::Beneath(_) => {
                 if from.parent() != to.parent() {
                     bail!("{}: not beside {}", self.show(from), self.show(to));
                 }
                 let to_name = to.file_name().unwrap_or_default();
-                entry_beneath(root, from)
+                self.local_entry(from)
                     .and_then(|(dir, name)| dir.rename(&name, to_name))
                     .map_err(|e| io_err(e, &self.show(to)))
             }
-            Fs::Local => std::fs::rename(from, to).map_err(|e| io_err(e, &self.show(to))),
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
                 c.rename(from, to).await.map_err(|e| self.remote_err(e, to))
@@ -381,10 +395,10 @@ impl Fs {
 
     pub async fn remove(&self, path: &Path) -> Result<()> {
         match self {
-            Fs::Beneath(root) => entry_beneath(root, path)
+            Fs::Local | Fs::Beneath(_) => self
+                .local_entry(path)
                 .and_then(|(dir, name)| dir.unlink(&name))
                 .map_err(|e| io_err(e, &self.show(path))),
-            Fs::Local => std::fs::remove_file(path).map_err(|e| io_err(e, &self.show(path))),
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
                 c.remove(path).await.map_err(|e| self.remote_err(e, path))
@@ -392,7 +406,8 @@ impl Fs {
         }
     }
 
-    /// Set permission bits and, when given, (atime, mtime) on `path` (following symlinks).
+    /// Set permission bits and, when given, (atime, mtime) on `path`. Locally a symlink there is
+    /// left alone (never followed); SFTP v3 follows it.
     pub async fn set_meta(
         &self,
         path: &Path,
@@ -400,7 +415,7 @@ impl Fs {
         times: Option<(FileTime, FileTime)>,
     ) -> Result<()> {
         match self {
-            Fs::Beneath(root) => {
+            Fs::Local | Fs::Beneath(_) => {
                 let set = |(dir, name): (Dir, Option<OsString>)| match name {
                     Some(name) => {
                         dir.chmod(&name, mode)?;
@@ -417,19 +432,9 @@ impl Fs {
                         }
                     }
                 };
-                split_beneath(root, path)
+                self.local_node(path)
                     .and_then(set)
                     .map_err(|e| io_err(e, &self.show(path)))
-            }
-            Fs::Local => {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| io_err(e, &self.show(path)))?;
-                if let Some((a, m)) = times {
-                    let f = std::fs::File::open(path).map_err(|e| io_err(e, &self.show(path)))?;
-                    f.set_times(file_times(a, m))
-                        .map_err(|e| io_err(e, &self.show(path)))?;
-                }
-                Ok(())
             }
             Fs::Remote(r) => {
                 let c = r.client(0).await?;
@@ -486,22 +491,11 @@ impl Fs {
         keep: bool,
     ) -> Result<Writer> {
         match self {
-            Fs::Beneath(root) => {
-                let f = entry_beneath(root, path)
+            Fs::Local | Fs::Beneath(_) => {
+                let f = self
+                    .local_entry(path)
                     .and_then(|(dir, name)| dir.open_write(&name, create, create && !keep, 0o600))
                     .map_err(|e| io_err(e, &self.show(named)))?;
-                if create && !keep {
-                    temp::lock(&f);
-                }
-                Ok(Writer::Local(LocalWriter::new(f)))
-            }
-            Fs::Local => {
-                let mut o = std::fs::OpenOptions::new();
-                o.write(true)
-                    .create(create)
-                    .truncate(create && !keep)
-                    .mode(0o600);
-                let f = o.open(path).map_err(|e| io_err(e, &self.show(named)))?;
                 if create && !keep {
                     // Held while the copy runs, so a sync's cleanup knows the file is live.
                     temp::lock(&f);
