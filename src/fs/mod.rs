@@ -26,6 +26,8 @@ pub fn io_text(e: &std::io::Error) -> String {
         Some(libc::ENOSPC) => "no space left on device".into(),
         Some(libc::EDQUOT) => "disk quota exceeded".into(),
         Some(libc::ENOTDIR) => "not a directory".into(),
-        _ => e.to_string().to_lowercase(),
+        Some(_) => e.to_string().to_lowercase(),
+        // Our own messages: already lowercase, and they may hold a path whose case matters.
+        None => e.to_string(),
     }
 }

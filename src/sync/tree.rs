@@ -94,9 +94,15 @@ impl RelPath {
         let Some((name, parents)) = comps.split_last() else {
             bail!("refusing to name the root itself");
         };
-        let dir = root
-            .open_dir(parents)
-            .map_err(|e| anyhow::anyhow!("{}", crate::fs::io_text(&e)))?;
+        let dir = root.open_dir(parents).map_err(|e| match e.raw_os_error() {
+            Some(_) => {
+                let shown = parents
+                    .iter()
+                    .fold(root.path().to_path_buf(), |p, c| p.join(c));
+                anyhow::anyhow!("{}: {}", shown.display(), crate::fs::io_text(&e))
+            }
+            None => anyhow::anyhow!("{e}"),
+        })?;
         Ok((dir, OsStr::new(*name)))
     }
 

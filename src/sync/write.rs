@@ -5,10 +5,8 @@
 //! (`crate::fs::temp`) and is renamed over it only after its hash checks out; a temporary file
 //! is removed if its stream breaks off.
 
-use crate::fs::beneath::{Dir, Root};
 use crate::fs::temp::{self, TempFile};
-use crate::fs::Kind;
-use crate::fs::{io_text, FileTime};
+use crate::fs::{io_text, Dir, FileTime, Kind, Root};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
@@ -22,7 +20,7 @@ use super::delta;
 use super::endpoint::{Op, Piece, RecvReport};
 use super::tree::RelPath;
 
-/// How much written data `TempFile::write_behind` lets pile up before it starts writeback.
+/// How much written data `write_behind` lets pile up before it starts writeback.
 const WRITE_BEHIND: u64 = 8 << 20;
 
 /// Replaced files at least this big are closed in the background (see `release`).
