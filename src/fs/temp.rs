@@ -96,9 +96,9 @@ pub fn is_temp(name: &[u8]) -> bool {
     name.starts_with(PREFIX)
 }
 
-/// Whether an unlockable temp last modified at `mtime` is stale at `now` (seconds).
-pub fn unlocked_is_stale(mtime: FileTime, now: i64) -> bool {
-    now.saturating_sub(mtime.secs()) >= UNLOCKED_STALE_SECS
+/// Whether an unlockable temp last modified at `mtime` is stale now.
+pub fn unlocked_is_stale(mtime: FileTime) -> bool {
+    now_secs().saturating_sub(mtime.secs()) >= UNLOCKED_STALE_SECS
 }
 
 fn now_secs() -> i64 {
@@ -148,7 +148,7 @@ pub fn remove_if_stale(dir: &Dir, name: &OsStr) -> std::io::Result<bool> {
                 return Ok(false);
             }
         }
-        _ if !unlocked_is_stale(m.mtime, now_secs()) => return Ok(false),
+        _ if !unlocked_is_stale(m.mtime) => return Ok(false),
         _ => {}
     }
     match dir.unlink(name) {

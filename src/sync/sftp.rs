@@ -135,7 +135,7 @@ impl SftpEndpoint {
                 };
                 if temp::is_temp(name.as_bytes()) {
                     // SFTP cannot tell whether a writer still holds it: only old ones go.
-                    let stale = temp::unlocked_is_stale(m.mtime, now_secs());
+                    let stale = temp::unlocked_is_stale(m.mtime);
                     if opts.clean_temps && m.kind != Kind::Dir && stale {
                         let p = dir.join(name);
                         if let Err(e) = self.fs.remove(&p).await {

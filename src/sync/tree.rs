@@ -2,7 +2,8 @@
 //!
 //! A listing may come from the peer, so its paths are a parsed type, [`RelPath`], that cannot hold
 //! `..`, `.`, empty or absolute components: a hostile agent cannot name anything outside the root.
-//! Walking never follows symlinks; they are listed as links with their target.
+//! Walking never follows symlinks; they are listed as links with their target. Temporary files
+//! (`crate::fs::temp`) are never listed, and stale ones are removed when the listing asks.
 
 use crate::fs::{temp, Dir, FileTime, Kind, Meta, Root};
 use std::ffi::OsStr;
