@@ -358,3 +358,40 @@ fn read_only_or_full_destination_fails_without_leftovers() {
         "temp file removed"
     );
 }
+
+/// `cp -r` used to write through a symlinked directory it found in the destination, so one run
+/// could plant a link that a second run wrote through. A symlink inside the destination is now
+/// replaced by what the source has there, as sync and rsync do; nothing lands outside it.
+#[test]
+fn cp_r_never_writes_through_a_symlink_in_the_destination() {
+    let bed = TestBed::start();
+    let src = bed.dir("src").join("tree");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("sub/deeper/f"), "data\n").unwrap();
+    std::fs::write(src.join("plain"), "plain\n").unwrap();
+    let on_a = bed.dir("on-a");
+    let back = bed.dir("back");
+    let outside = bed.dir("outside");
+    for dst in [&on_a, &back] {
+        std::fs::create_dir_all(dst.join("tree")).unwrap();
+        std::os::unix::fs::symlink(&outside, dst.join("tree/sub")).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), dst.join("tree/plain")).unwrap();
+    }
+    cp(&bed, &["-r", src.to_str().unwrap(), &remote("a", &on_a)]).assert_ok();
+    cp(
+        &bed,
+        &[
+            "-r",
+            &remote("a", &on_a.join("tree")),
+            back.to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote through a link"
+    );
+    for dst in [&on_a, &back] {
+        assert_eq!(tree(&dst.join("tree")), tree(&src), "{}", dst.display());
+    }
+}

@@ -296,3 +296,186 @@ fn mtimes_past_2262_round_trip() {
     again.assert_ok();
     assert_eq!(again.stdout_str(), "", "a re-run changes nothing");
 }
+
+/// A 229–255-byte name once failed with "File name too long": the temporary name
+/// `.vtun-tmp.NAME.HEX` passed NAME_MAX. Files and symlinks, both directions, agent and SFTP.
+#[test]
+fn sync_handles_255_byte_names() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    for len in [228, 229, 240, 255] {
+        std::fs::write(src.join("f".repeat(len)), format!("{len} bytes of name\n")).unwrap();
+    }
+    std::os::unix::fs::symlink("target", src.join("l".repeat(255))).unwrap();
+    // Multi-byte characters: a shortened temporary name must stay valid UTF-8 to be cleaned.
+    std::fs::write(src.join("é".repeat(127)), "accents\n").unwrap();
+    let on_a = bed.dir("on-a");
+    let sftp = bed.dir("sftp");
+    let back = bed.dir("back");
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(&on_a))]).assert_ok();
+    sync(
+        &bed,
+        &["--no-agent", &slash(&src), &format!("a:{}", slash(&sftp))],
+    )
+    .assert_ok();
+    sync(&bed, &[&format!("a:{}", slash(&on_a)), &slash(&back)]).assert_ok();
+    for dst in [&on_a, &sftp, &back] {
+        assert_eq!(
+            digest(dst).keys().collect::<Vec<_>>(),
+            digest(&src).keys().collect::<Vec<_>>()
+        );
+        for (k, (kind, content, _, _)) in digest(&src) {
+            assert_eq!(digest(dst)[&k].0, kind, "{k}");
+            assert_eq!(digest(dst)[&k].1, content, "{k}");
+        }
+    }
+}
+
+/// Each sync removed every temporary file it found in the destination, including those of
+/// another sync still writing there, which then failed. Two syncs into one directory at once
+/// must both succeed: here the first is held mid-file while the second runs to completion.
+#[test]
+fn concurrent_syncs_into_one_directory_both_succeed() {
+    let bed = TestBed::builder().vm("a").fault("a").start();
+    agent_on_path(&bed, "a");
+    let big = bed.dir("big");
+    for i in 0..4 {
+        std::fs::write(big.join(format!("big{i}")), random_bytes(8 << 20, 100 + i)).unwrap();
+    }
+    let small = bed.dir("small");
+    std::fs::write(small.join("small.txt"), "small\n").unwrap();
+    let dst = bed.dir("dst");
+    let live_temps = || {
+        std::fs::read_dir(&dst).unwrap().any(|e| {
+            let name = e.unwrap().file_name();
+            name.to_string_lossy().starts_with(".vtun-tmp.")
+        })
+    };
+    bed.fault("a").arm(Fault::StallAfter(12 << 20));
+    let out = std::thread::scope(|s| {
+        let first = s.spawn(|| sync(&bed, &[&slash(&big), &format!("a-fault:{}", slash(&dst))]));
+        // Wait (bounded) until the first sync is held with a file half written.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !(bed.fault("a").fired() && live_temps()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first sync never stalled"
+            );
+            assert!(
+                !first.is_finished(),
+                "the first sync ended before it stalled"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The second sync lists (and cleans) the same directory while the first is writing.
+        let second = sync(&bed, &[&slash(&small), &format!("a:{}", slash(&dst))]);
+        let kept = live_temps();
+        bed.fault("a").release();
+        second.assert_ok();
+        assert!(kept, "the second sync kept the first one's temporary file");
+        first.join().unwrap()
+    });
+    out.assert_ok();
+    for i in 0..4 {
+        let name = format!("big{i}");
+        assert_eq!(
+            hash_file(&dst.join(&name)),
+            hash_file(&big.join(&name)),
+            "{name}"
+        );
+    }
+    assert_eq!(read(&dst.join("small.txt")), "small\n");
+    assert!(!live_temps(), "no temporary file is left");
+}
+
+/// One rule for cp and sync: a symlink already inside the destination is replaced, never
+/// written through, in both directions, with the agent and over plain SFTP.
+#[test]
+fn sync_never_writes_through_a_symlink_in_the_destination() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::write(src.join("sub/deeper/f"), "data\n").unwrap();
+    std::fs::write(src.join("plain"), "plain\n").unwrap();
+    let outside = bed.dir("outside");
+    let dsts = [bed.dir("on-a"), bed.dir("sftp"), bed.dir("back")];
+    for dst in &dsts {
+        std::os::unix::fs::symlink(&outside, dst.join("sub")).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), dst.join("plain")).unwrap();
+    }
+    let [on_a, sftp, back] = &dsts;
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(on_a))]).assert_ok();
+    sync(
+        &bed,
+        &["--no-agent", &slash(&src), &format!("a:{}", slash(sftp))],
+    )
+    .assert_ok();
+    sync(&bed, &[&format!("a:{}", slash(on_a)), &slash(back)]).assert_ok();
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote through a link"
+    );
+    for dst in &dsts {
+        let (got, want) = (digest(dst), digest(&src));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, v) in &want {
+            assert_eq!(
+                (&got[k].0, &got[k].1),
+                (&v.0, &v.1),
+                "{k} in {}",
+                dst.display()
+            );
+        }
+    }
+}
+
+/// Leftovers of an interrupted run are removed by the next one: with the agent, any that no
+/// writer holds locked; over plain SFTP, which cannot see locks, only those untouched for hours.
+#[test]
+fn leftover_temps_are_removed_only_when_stale() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    std::fs::write(src.join("f"), "f\n").unwrap();
+    let (agent, sftp) = (bed.dir("agent"), bed.dir("sftp"));
+    let old = std::time::SystemTime::now() - Duration::from_secs(7 * 3600);
+    for dst in [&agent, &sftp] {
+        for (name, when) in [
+            (".vtun-tmp.f.00000000000000aa", Some(old)),
+            (".vtun-tmp.g.00000000000000bb", None),
+        ] {
+            let p = dst.join(name);
+            std::fs::write(&p, "left over\n").unwrap();
+            if let Some(t) = when {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        }
+    }
+    sync(&bed, &[&slash(&src), &format!("a:{}", slash(&agent))]).assert_ok();
+    sync(
+        &bed,
+        &["--no-agent", &slash(&src), &format!("a:{}", slash(&sftp))],
+    )
+    .assert_ok();
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&agent), ["f"], "nobody holds either lock");
+    assert_eq!(
+        names(&sftp),
+        [".vtun-tmp.g.00000000000000bb", "f"],
+        "only the old one goes"
+    );
+}

@@ -526,7 +526,7 @@ fn crafted_listing_with_dotdot_is_refused() {
         return;
     }
     use vtun::sync::protocol::{hello, Msg};
-    use vtun::sync::tree::{Entry, Kind, Listing, RelPath};
+    use vtun::sync::tree::{Entry, EntryKind, Listing, RelPath};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
@@ -539,7 +539,7 @@ fn crafted_listing_with_dotdot_is_refused() {
             theirs.read_exact(&mut h).await.unwrap();
             let entry = Entry {
                 path: RelPath::parse("ab").unwrap(),
-                kind: Kind::File { size: 1 },
+                kind: EntryKind::File { size: 1 },
                 mode: 0o644,
                 mtime: vtun::fs::FileTime::default(),
                 hash: None,

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
 use super::plan::{itemize, plan, Action, PlanOpts};
-use super::tree::{Kind, ListOpts, RelPath};
+use super::tree::{EntryKind, ListOpts, RelPath};
 
 /// Below this many bytes to send, extra connections cost more than they bring.
 const PARALLEL_MIN: u64 = 8 << 20;
@@ -242,7 +242,7 @@ pub async fn run(
     for a in &p.actions {
         match a {
             Action::Symlink { entry, .. } => {
-                if let Kind::Symlink { target } = &entry.kind {
+                if let EntryKind::Symlink { target } = &entry.kind {
                     ops.push(Op::Symlink {
                         path: entry.path.clone(),
                         target: target.clone(),

@@ -2,11 +2,11 @@
 //! so local and remote sides behave the same. Reading and sending live here; everything that
 //! writes (and must not be tricked into writing elsewhere) is in `write`.
 
-use crate::fs::FileTime;
+use crate::fs::{io_text, FileTime, Root};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
@@ -14,7 +14,7 @@ use super::delta;
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::tree::{self, ListOpts, Listing, RelPath};
 use super::write;
-use crate::transfer::handle::read_chunk_at;
+use crate::fs::read_chunk_at;
 
 /// A sync root on the local file system.
 #[derive(Debug, Clone)]
@@ -43,6 +43,9 @@ impl Endpoint for LocalEndpoint {
     fn signatures(&mut self, paths: Vec<RelPath>) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>>> {
         let root = self.root.clone();
         Box::pin(blocking(move || {
+            let Ok(root) = Root::open(&root) else {
+                return Ok(vec![None; paths.len()]);
+            };
             Ok(paths
                 .iter()
                 .map(|p| {
@@ -57,8 +60,14 @@ impl Endpoint for LocalEndpoint {
     fn send(&mut self, reqs: Vec<SendReq>, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<()>> {
         let root = self.root.clone();
         Box::pin(blocking(move || {
+            let root = Root::open(&root)
+                .map_err(|e| anyhow!("cannot open {}: {}", root.display(), io_text(&e)));
             for req in reqs {
-                if let Err(e) = send_one(&root, &req, &out) {
+                let sent = match &root {
+                    Ok(root) => send_one(root, &req, &out),
+                    Err(e) => Err(anyhow!("{e}")),
+                };
+                if let Err(e) = sent {
                     if out.is_closed() {
                         bail!("receiver went away");
                     }
@@ -85,32 +94,27 @@ impl Endpoint for LocalEndpoint {
 
     fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>> {
         let root = self.root.clone();
-        Box::pin(blocking(move || {
-            Ok(ops
-                .iter()
-                .map(|op| write::apply_op(&root, op).err().map(|e| format!("{e:#}")))
-                .collect())
-        }))
+        Box::pin(blocking(move || Ok(write::apply_all(&root, &ops))))
     }
 }
 
-/// Open a regular file (not through a symlink).
-fn open_regular(root: &Path, rel: &RelPath) -> Result<std::fs::File> {
-    let path = rel.under(root);
-    let f = tree::open_nofollow(&path)?;
+/// Open a regular file beneath `root`, never through a symlink.
+fn open_regular(root: &Root, rel: &RelPath) -> Result<std::fs::File> {
+    let (dir, name) = rel.open_parent(root)?;
+    let shown = dir.show(name);
+    let f = dir
+        .open_file(name)
+        .with_context(|| format!("cannot open {}", shown.display()))?;
     if !f.metadata()?.is_file() {
-        bail!("{} is not a regular file", path.display());
+        bail!("{} is not a regular file", shown.display());
     }
     Ok(f)
 }
 
-fn send_one(root: &Path, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
-    let path = req.path.under(root);
-    let f = tree::open_nofollow(&path)?;
+fn send_one(root: &Root, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
+    let f = open_regular(root, &req.path)?;
+    let path = req.path.under(root.path());
     let m = f.metadata()?;
-    if !m.is_file() {
-        bail!("not a regular file");
-    }
     let put = |p: Piece| out.blocking_send(p).ok().context("receiver went away");
     let start = |delta: bool, size: u64| Piece::Start {
         path: req.path.clone(),

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::tree::{Entry, Kind, RelPath};
+use super::tree::{Entry, EntryKind, RelPath};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlanOpts {
@@ -82,9 +82,9 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
         let d = dst_by.get(&s.path).copied();
         let same_kind = matches!(
             (d.map(|d| &d.kind), &s.kind),
-            (Some(Kind::Dir), Kind::Dir)
-                | (Some(Kind::File { .. }), Kind::File { .. })
-                | (Some(Kind::Symlink { .. }), Kind::Symlink { .. })
+            (Some(EntryKind::Dir), EntryKind::Dir)
+                | (Some(EntryKind::File { .. }), EntryKind::File { .. })
+                | (Some(EntryKind::Symlink { .. }), EntryKind::Symlink { .. })
         );
         let d = match d {
             Some(d) if !same_kind => {
@@ -103,12 +103,12 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
         let perms = d.is_some_and(|d| d.mode != s.mode);
         let time = d.is_some_and(|d| !d.mtime.same_as(s.mtime, opts.mtime_seconds));
         match (&s.kind, d) {
-            (Kind::Dir, None) => {
+            (EntryKind::Dir, None) => {
                 touch(&s.path, &mut touched_dirs);
                 touched_dirs.insert(s.path.clone());
                 creates.push(Action::Mkdir(s.clone()));
             }
-            (Kind::Dir, Some(_)) => {
+            (EntryKind::Dir, Some(_)) => {
                 if perms || time {
                     touched_dirs.insert(s.path.clone());
                     creates.push(Action::Meta {
@@ -121,7 +121,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                     });
                 }
             }
-            (Kind::File { .. }, None) => {
+            (EntryKind::File { .. }, None) => {
                 touch(&s.path, &mut touched_dirs);
                 creates.push(Action::Transfer {
                     entry: s.clone(),
@@ -129,7 +129,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                     flags: Flags::default(),
                 });
             }
-            (Kind::File { size }, Some(d)) => {
+            (EntryKind::File { size }, Some(d)) => {
                 let size_differs = d.size() != *size;
                 let hash_differs = opts.checksum && s.hash != d.hash;
                 let send = if opts.size_only {
@@ -159,9 +159,8 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                     });
                 }
             }
-            (Kind::Symlink { target }, d) => {
-                let same =
-                    matches!(d.map(|d| &d.kind), Some(Kind::Symlink { target: t }) if t == target);
+            (EntryKind::Symlink { target }, d) => {
+                let same = matches!(d.map(|d| &d.kind), Some(EntryKind::Symlink { target: t }) if t == target);
                 if !same {
                     touch(&s.path, &mut touched_dirs);
                     creates.push(Action::Symlink {
@@ -220,8 +219,8 @@ pub fn itemize(a: &Action) -> String {
     }
     fn name(e: &Entry) -> String {
         match (&e.kind, e.path.is_root()) {
-            (Kind::Dir, true) => "./".to_string(),
-            (Kind::Dir, false) => format!("{}/", e.path),
+            (EntryKind::Dir, true) => "./".to_string(),
+            (EntryKind::Dir, false) => format!("{}/", e.path),
             _ => e.path.to_string(),
         }
     }
@@ -238,7 +237,7 @@ pub fn itemize(a: &Action) -> String {
         Action::Transfer { entry, flags, .. } => format!(">f{} {}", cols(flags), name(entry)),
         Action::Symlink { entry, new } => {
             let target = match &entry.kind {
-                Kind::Symlink { target } => target.as_str(),
+                EntryKind::Symlink { target } => target.as_str(),
                 _ => "",
             };
             let cols = if *new { "+++++++++" } else { ".s......." };
@@ -257,7 +256,7 @@ mod tests {
     use super::*;
     use crate::fs::FileTime;
 
-    fn e(path: &str, kind: Kind, mtime: FileTime) -> Entry {
+    fn e(path: &str, kind: EntryKind, mtime: FileTime) -> Entry {
         Entry {
             path: RelPath::parse(path).unwrap(),
             kind,
@@ -267,10 +266,10 @@ mod tests {
         }
     }
     fn f(path: &str, size: u64, mtime: impl Into<Time>) -> Entry {
-        e(path, Kind::File { size }, mtime.into().0)
+        e(path, EntryKind::File { size }, mtime.into().0)
     }
     fn d(path: &str) -> Entry {
-        e(path, Kind::Dir, FileTime::from_secs(1))
+        e(path, EntryKind::Dir, FileTime::from_secs(1))
     }
     /// Test times: whole seconds, or an exact FileTime.
     struct Time(FileTime);
@@ -295,7 +294,7 @@ mod tests {
             f("a/x", 3, 5),
             e(
                 "a/l",
-                Kind::Symlink { target: "x".into() },
+                EntryKind::Symlink { target: "x".into() },
                 FileTime::from_secs(1),
             ),
         ];
@@ -417,12 +416,12 @@ mod tests {
     fn changed_symlink_is_replaced() {
         let s = e(
             "l",
-            Kind::Symlink { target: "b".into() },
+            EntryKind::Symlink { target: "b".into() },
             FileTime::from_secs(1),
         );
         let t = e(
             "l",
-            Kind::Symlink { target: "a".into() },
+            EntryKind::Symlink { target: "a".into() },
             FileTime::from_secs(1),
         );
         assert_eq!(

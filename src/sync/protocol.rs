@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::endpoint::{Op, Piece, RecvReport, SendReq};
-use super::tree::{Entry, Kind, ListOpts, Listing, RelPath};
+use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
 
 pub const MAGIC: &[u8; 12] = b"\x00vtun-agent\x00";
 /// Bump on any incompatible change; agents of another version are not used.
@@ -166,12 +166,12 @@ impl<'a> Dec<'a> {
 fn enc_entry(e: &mut Enc, x: &Entry) {
     e.path(&x.path);
     match &x.kind {
-        Kind::Dir => e.u8(0),
-        Kind::File { size } => {
+        EntryKind::Dir => e.u8(0),
+        EntryKind::File { size } => {
             e.u8(1);
             e.u64(*size);
         }
-        Kind::Symlink { target } => {
+        EntryKind::Symlink { target } => {
             e.u8(2);
             e.str(target);
         }
@@ -190,9 +190,9 @@ fn enc_entry(e: &mut Enc, x: &Entry) {
 fn dec_entry(d: &mut Dec) -> Result<Entry> {
     let path = d.path()?;
     let kind = match d.u8()? {
-        0 => Kind::Dir,
-        1 => Kind::File { size: d.u64()? },
-        2 => Kind::Symlink { target: d.str()? },
+        0 => EntryKind::Dir,
+        1 => EntryKind::File { size: d.u64()? },
+        2 => EntryKind::Symlink { target: d.str()? },
         k => bail!("unknown entry kind {k}"),
     };
     let mode = d.u32()? & 0o7777;
@@ -641,7 +641,7 @@ mod tests {
             root_exists: true,
             entries: vec![Entry {
                 path: p.clone(),
-                kind: Kind::Symlink { target: "t".into() },
+                kind: EntryKind::Symlink { target: "t".into() },
                 mode: 0o777,
                 mtime: FileTime::from_secs(3),
                 hash: Some([1; 32]),

@@ -23,9 +23,10 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::pattern::Excludes;
-use super::tree::{is_temp_name, Entry, Kind, ListOpts, Listing, RelPath};
+use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
+use crate::fs::{temp, Kind, Meta};
 use crate::remote::Opener;
-use crate::transfer::fs::{Fs, Kind as FsKind, Meta, Reader, Writer};
+use crate::transfer::fs::{Fs, Reader, Writer};
 use crate::transfer::RemoteFs;
 
 /// Reads or writes in flight per file: hides the round trip on a long link.
@@ -75,7 +76,7 @@ impl SftpEndpoint {
             }
             let p = self.at(&dir);
             match self.fs.lstat(&p).await? {
-                Some(m) if m.kind == FsKind::Dir => {
+                Some(m) if m.kind == Kind::Dir => {
                     known.insert(dir.clone());
                 }
                 _ => bail!(
@@ -101,7 +102,7 @@ impl SftpEndpoint {
             ..Listing::default()
         };
         listing.root_exists = match self.fs.stat(&self.root).await? {
-            Some(m) => m.kind == FsKind::Dir || opts.start.is_root(),
+            Some(m) => m.kind == Kind::Dir || opts.start.is_root(),
             None => false,
         };
         if !listing.root_exists {
@@ -112,7 +113,7 @@ impl SftpEndpoint {
             return Ok(listing);
         };
         // The root itself may be a symlink the user named; its target is what they mean.
-        if opts.start.is_root() && meta.kind == FsKind::Symlink {
+        if opts.start.is_root() && meta.kind == Kind::Symlink {
             meta = self
                 .fs
                 .stat(&top)
@@ -120,7 +121,7 @@ impl SftpEndpoint {
                 .with_context(|| format!("{}: dangling symlink", self.fs.show(&top)))?;
         }
         let top_target = match meta.kind {
-            FsKind::Symlink => Some(self.fs.read_link(&top).await?),
+            Kind::Symlink => Some(self.fs.read_link(&top).await?),
             _ => None,
         };
         let top_entry = self.entry(&opts.start, &meta, top_target)?;
@@ -142,14 +143,16 @@ impl SftpEndpoint {
                     return false;
                 };
                 let name = rel_str.rsplit('/').next().unwrap_or(rel_str);
-                if is_temp_name(name) {
-                    if opts.clean_temps && m.kind != FsKind::Dir {
+                if temp::is_temp(name.as_bytes()) {
+                    // SFTP cannot tell whether a writer still holds it: only old ones go.
+                    let stale = temp::unlocked_is_stale(m.mtime);
+                    if opts.clean_temps && m.kind != Kind::Dir && stale {
                         temps.push(top.join(rel));
                     }
                     return false;
                 }
                 match beneath(&opts.start, rel_str) {
-                    Ok(child) => !excludes.is_excluded(child.as_str(), m.kind == FsKind::Dir),
+                    Ok(child) => !excludes.is_excluded(child.as_str(), m.kind == Kind::Dir),
                     Err(e) => {
                         bad.get_or_insert(e);
                         false
@@ -164,7 +167,7 @@ impl SftpEndpoint {
         // Symlink targets: one READLINK each, many in flight together.
         let mut reads = Vec::new();
         for (rel, m) in &found {
-            let (fs, p, link) = (&self.fs, top.join(rel), m.kind == FsKind::Symlink);
+            let (fs, p, link) = (&self.fs, top.join(rel), m.kind == Kind::Symlink);
             reads.push(async move {
                 match link {
                     true => Some(fs.read_link(&p).await),
@@ -206,9 +209,9 @@ impl SftpEndpoint {
     /// The listing entry for `rel`; `target` is a symlink's target, read by the caller.
     fn entry(&self, rel: &RelPath, m: &Meta, target: Option<PathBuf>) -> Result<Option<Entry>> {
         let kind = match m.kind {
-            FsKind::Dir => Kind::Dir,
-            FsKind::File => Kind::File { size: m.size },
-            FsKind::Symlink => {
+            Kind::Dir => EntryKind::Dir,
+            Kind::File => EntryKind::File { size: m.size },
+            Kind::Symlink => {
                 let p = self.at(rel);
                 let t =
                     target.with_context(|| format!("{}: symlink not read", self.fs.show(&p)))?;
@@ -219,11 +222,11 @@ impl SftpEndpoint {
                     );
                     return Ok(None);
                 };
-                Kind::Symlink {
+                EntryKind::Symlink {
                     target: target.to_string(),
                 }
             }
-            FsKind::Other => {
+            Kind::Other => {
                 tracing::warn!("skipping special file {}", self.fs.show(&self.at(rel)));
                 return Ok(None);
             }
@@ -232,7 +235,7 @@ impl SftpEndpoint {
             path: rel.clone(),
             kind,
             mode: m.mode,
-            mtime: FileTime::from_secs(m.mtime),
+            mtime: m.mtime,
             hash: None,
         }))
     }
@@ -252,7 +255,7 @@ impl SftpEndpoint {
             .lstat(&path)
             .await?
             .ok_or_else(|| anyhow!("no such file"))?;
-        if meta.kind != FsKind::File {
+        if meta.kind != Kind::File {
             bail!("not a regular file");
         }
         let reader = self.fs.open_read(&path, 0).await?;
@@ -292,7 +295,7 @@ impl SftpEndpoint {
                     delta: false,
                     size: meta.size,
                     mode: meta.mode,
-                    mtime: FileTime::from_secs(meta.mtime),
+                    mtime: meta.mtime,
                 })
                 .await?;
                 *started = true;
@@ -323,7 +326,7 @@ impl SftpEndpoint {
             Op::Mkdir { path, mode } => {
                 let p = self.safe_path(path, known).await?;
                 match self.fs.lstat(&p).await? {
-                    Some(m) if m.kind == FsKind::Dir => {}
+                    Some(m) if m.kind == Kind::Dir => {}
                     _ => self.fs.mkdir(&p, mode | 0o700).await?,
                 }
                 known.insert(path.clone());
@@ -332,7 +335,7 @@ impl SftpEndpoint {
             }
             Op::Symlink { path, target } => {
                 let p = self.safe_path(path, known).await?;
-                let tmp = temp_beside(&p, path);
+                let tmp = temp::beside(&p, temp::Hold::Age);
                 self.fs.symlink(Path::new(target), &tmp).await?;
                 if let Err(e) = self.fs.rename(&tmp, &p).await {
                     let _ = self.fs.remove(&tmp).await;
@@ -348,7 +351,7 @@ impl SftpEndpoint {
                 known.retain(|k| !k.starts_with(path));
                 match self.fs.lstat(&p).await? {
                     None => Ok(()),
-                    Some(m) if m.kind != FsKind::Dir => self.fs.remove(&p).await,
+                    Some(m) if m.kind != Kind::Dir => self.fs.remove(&p).await,
                     Some(_) if *recursive => self.remove_tree(&p).await,
                     Some(_) => match self.rmdir(&p).await {
                         // It still holds excluded entries, which --delete keeps (as rsync does).
@@ -372,10 +375,10 @@ impl SftpEndpoint {
                     .await?
                     .ok_or_else(|| anyhow!("{}: no such file", self.fs.show(&p)))?;
                 // SFTP v3 sets attributes through symlinks: a link keeps the time it was made.
-                if m.kind == FsKind::Symlink {
+                if m.kind == Kind::Symlink {
                     return Ok(());
                 }
-                let times = mtime.map(|t| (m.atime, t.secs()));
+                let times = mtime.map(|t| (m.atime, t));
                 self.fs.set_meta(&p, mode.unwrap_or(m.mode), times).await
             }
         }
@@ -401,7 +404,7 @@ impl SftpEndpoint {
         let entries = remote.walk(dir, |_, _| true).await?;
         let mut removals = Vec::new();
         for (rel, m) in &entries {
-            if m.kind != FsKind::Dir {
+            if m.kind != Kind::Dir {
                 let (fs, p) = (&self.fs, dir.join(rel));
                 removals.push(async move { fs.remove(&p).await });
             }
@@ -413,7 +416,7 @@ impl SftpEndpoint {
         removed.into_iter().collect::<Result<Vec<()>>>()?;
         // Pre-order reversed: every directory after everything inside it.
         for (rel, m) in entries.iter().rev() {
-            if m.kind == FsKind::Dir {
+            if m.kind == Kind::Dir {
                 self.rmdir(&dir.join(rel)).await?;
             }
         }
@@ -505,7 +508,7 @@ impl SftpEndpoint {
             bail!("refusing to write a file over the root");
         }
         let target = self.safe_path(rel, known).await?;
-        let temp = temp_beside(&target, rel);
+        let temp = temp::beside(&target, temp::Hold::Age);
         let writer = self.fs.open_write((&temp, &target), 0, true, false).await?;
         let chunk = self.fs.chunk().await? as usize;
         Ok(Incoming {
@@ -526,7 +529,7 @@ impl SftpEndpoint {
     async fn finish(&self, mut f: Incoming, hash: &[u8; 32]) -> Result<u64> {
         let written = f.drain().await;
         let ok = written.is_ok() && f.hasher.finalize().as_bytes() == hash;
-        let times = (now_secs(), f.mtime.secs());
+        let times = (FileTime::from_secs(now_secs()), f.mtime);
         let mode = f.mode & 0o7777;
         let finished = if ok {
             f.writer.finish(Some(mode), Some(times)).await
@@ -612,16 +615,6 @@ fn beneath(start: &RelPath, rel: &str) -> Result<RelPath> {
     } else {
         RelPath::parse(&format!("{}/{rel}", start.as_str()))
     }
-}
-
-/// A `.vtun-tmp.*` name beside `target` (never listed, cleaned up by the next sync).
-fn temp_beside(target: &Path, rel: &RelPath) -> PathBuf {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    dir.join(format!(
-        ".vtun-tmp.{}.{:016x}",
-        rel.name(),
-        rand::random::<u64>()
-    ))
 }
 
 fn now_secs() -> i64 {

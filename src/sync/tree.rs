@@ -2,12 +2,13 @@
 //!
 //! A listing may come from the peer, so its paths are a parsed type, [`RelPath`], that cannot hold
 //! `..`, `.`, empty or absolute components: a hostile agent cannot name anything outside the root.
-//! Walking never follows symlinks; they are listed as links with their target.
+//! Walking never follows symlinks; they are listed as links with their target. Temporary files
+//! (`crate::fs::temp`) are never listed, and stale ones are removed when the listing asks.
 
-use crate::fs::FileTime;
+use crate::fs::{temp, Dir, FileTime, Kind, Meta, Root};
+use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +26,7 @@ impl RelPath {
             return Ok(RelPath::default());
         }
         for comp in s.split('/') {
-            if comp.is_empty() || comp == "." || comp == ".." || comp.contains('\0') {
+            if crate::fs::beneath::check_name(comp.as_bytes()).is_err() {
                 bail!("refusing unsafe path {s:?} (component {comp:?})");
             }
         }
@@ -87,6 +88,25 @@ impl RelPath {
             || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 
+    /// The directory holding `self` beneath `root`, reached without following any symlink, and
+    /// `self`'s name in it. Refused for the root itself.
+    pub fn open_parent(&self, root: &Root) -> Result<(Dir, &OsStr)> {
+        let comps: Vec<&str> = self.components().collect();
+        let Some((name, parents)) = comps.split_last() else {
+            bail!("refusing to name the root itself");
+        };
+        let dir = root.open_dir(parents).map_err(|e| match e.raw_os_error() {
+            Some(_) => {
+                let shown = parents
+                    .iter()
+                    .fold(root.path().to_path_buf(), |p, c| p.join(c));
+                anyhow::anyhow!("{}: {}", shown.display(), crate::fs::io_text(&e))
+            }
+            None => anyhow::anyhow!("{e}"),
+        })?;
+        Ok((dir, OsStr::new(*name)))
+    }
+
     /// The local path under `root`.
     pub fn under(&self, root: &Path) -> PathBuf {
         let mut p = root.to_path_buf();
@@ -103,8 +123,10 @@ impl std::fmt::Display for RelPath {
     }
 }
 
+/// What a listed entry is, with what a sync compares for it: a file's size, a link's target.
+/// (The plain file type is [`crate::fs::Kind`].)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kind {
+pub enum EntryKind {
     Dir,
     File { size: u64 },
     Symlink { target: String },
@@ -113,7 +135,7 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub path: RelPath,
-    pub kind: Kind,
+    pub kind: EntryKind,
     /// Permission bits (`mode & 0o7777`).
     pub mode: u32,
     pub mtime: FileTime,
@@ -123,12 +145,12 @@ pub struct Entry {
 
 impl Entry {
     pub fn is_dir(&self) -> bool {
-        matches!(self.kind, Kind::Dir)
+        matches!(self.kind, EntryKind::Dir)
     }
 
     pub fn size(&self) -> u64 {
         match &self.kind {
-            Kind::File { size } => *size,
+            EntryKind::File { size } => *size,
             _ => 0,
         }
     }
@@ -141,7 +163,8 @@ pub struct ListOpts {
     pub start: RelPath,
     pub hashes: bool,
     pub excludes: Vec<String>,
-    /// Remove `.vtun-tmp.*` files left by an interrupted sync (destination side, not dry run).
+    /// Remove temporary files left by an interrupted sync or copy (destination side, not dry
+    /// run); those of a transfer still running are kept (see `crate::fs::temp`).
     pub clean_temps: bool,
 }
 
@@ -153,11 +176,6 @@ pub struct Listing {
     /// Mtimes are whole seconds (an SFTP listing): compare times at second granularity.
     /// Never sent over the agent protocol, whose listings are to the nanosecond.
     pub mtime_seconds: bool,
-}
-
-/// Temporary files of an interrupted sync: never listed, so never copied or compared.
-pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with(".vtun-tmp.")
 }
 
 /// Walk `root/start` without following symlinks.
@@ -216,11 +234,29 @@ fn visit(
         return Ok(());
     }
     let mut children = Vec::new();
+    // Opened on the first temporary file found: most directories hold none.
+    let mut here: Option<std::io::Result<crate::fs::Root>> = None;
     for item in
         std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?
     {
         let item = item.with_context(|| format!("cannot list {}", path.display()))?;
         let name = item.file_name();
+        if temp::is_temp(name.as_bytes()) {
+            if opts.clean_temps {
+                let dir = here.get_or_insert_with(|| crate::fs::Root::open(path));
+                let p = path.join(&name);
+                match dir
+                    .as_ref()
+                    .map_err(|e| e.kind().into())
+                    .and_then(|d| temp::remove_if_stale(d.dir(), &name))
+                {
+                    Ok(true) => tracing::debug!("removed stale {}", p.display()),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("cannot remove stale {}: {e}", p.display()),
+                }
+            }
+            continue;
+        }
         let Some(name) = name.to_str() else {
             tracing::warn!(
                 "skipping non-UTF-8 name {:?} in {}",
@@ -229,16 +265,6 @@ fn visit(
             );
             continue;
         };
-        if is_temp_name(name) {
-            if opts.clean_temps && !item.file_type().is_ok_and(|t| t.is_dir()) {
-                let p = path.join(name);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => tracing::debug!("removed stale {}", p.display()),
-                    Err(e) => tracing::warn!("cannot remove stale {}: {e}", p.display()),
-                }
-            }
-            continue;
-        }
         children.push(name.to_string());
     }
     children.sort();
@@ -260,37 +286,38 @@ fn visit(
 }
 
 fn entry_for(path: &Path, rel: RelPath, m: &Metadata, hashes: bool) -> Result<Option<Entry>> {
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_file() {
-        Kind::File { size: m.len() }
-    } else if ft.is_symlink() {
-        let t = std::fs::read_link(path)
-            .with_context(|| format!("cannot read link {}", path.display()))?;
-        let Some(target) = t.to_str() else {
-            tracing::warn!(
-                "skipping symlink {} with a non-UTF-8 target",
-                path.display()
-            );
-            return Ok(None);
-        };
-        Kind::Symlink {
-            target: target.to_string(),
+    let meta = Meta::of(m);
+    let kind = match meta.kind {
+        Kind::Dir => EntryKind::Dir,
+        Kind::File => EntryKind::File { size: meta.size },
+        Kind::Symlink => {
+            let t = std::fs::read_link(path)
+                .with_context(|| format!("cannot read link {}", path.display()))?;
+            let Some(target) = t.to_str() else {
+                tracing::warn!(
+                    "skipping symlink {} with a non-UTF-8 target",
+                    path.display()
+                );
+                return Ok(None);
+            };
+            EntryKind::Symlink {
+                target: target.to_string(),
+            }
         }
-    } else {
-        tracing::warn!("skipping special file {}", path.display());
-        return Ok(None);
+        Kind::Other => {
+            tracing::warn!("skipping special file {}", path.display());
+            return Ok(None);
+        }
     };
     let hash = match (&kind, hashes) {
-        (Kind::File { .. }, true) => Some(hash_file(path)?),
+        (EntryKind::File { .. }, true) => Some(hash_file(path)?),
         _ => None,
     };
     Ok(Some(Entry {
         path: rel,
         kind,
-        mode: m.permissions().mode() & 0o7777,
-        mtime: FileTime::mtime_of(m),
+        mode: meta.mode,
+        mtime: meta.mtime,
         hash,
     }))
 }
@@ -352,6 +379,15 @@ mod tests {
         std::fs::write(d.path().join("a/sub/g.o"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc", d.path().join("a/l")).unwrap();
         std::fs::write(d.path().join("a/.vtun-tmp.f.123"), b"junk").unwrap();
+        let live = crate::fs::temp::TempFile::create(
+            crate::fs::Root::open(&d.path().join("a"))
+                .unwrap()
+                .dir()
+                .try_clone()
+                .unwrap(),
+            std::ffi::OsStr::new("g"),
+        )
+        .unwrap();
         let l = walk(
             d.path(),
             &ListOpts {
@@ -364,12 +400,16 @@ mod tests {
         .unwrap();
         let names: Vec<_> = l.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(names, ["a", "a/f", "a/l", "a/sub"]);
-        assert!(!d.path().join("a/.vtun-tmp.f.123").exists());
-        assert_eq!(l.entries[1].kind, Kind::File { size: 2 });
+        assert!(
+            !d.path().join("a/.vtun-tmp.f.123").exists(),
+            "a dead writer's is removed"
+        );
+        assert!(live.shown().exists(), "a live writer's is kept");
+        assert_eq!(l.entries[1].kind, EntryKind::File { size: 2 });
         assert_eq!(l.entries[1].hash, Some(*blake3::hash(b"hi").as_bytes()));
         assert_eq!(
             l.entries[2].kind,
-            Kind::Symlink {
+            EntryKind::Symlink {
                 target: "/etc".into()
             }
         );

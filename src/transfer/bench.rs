@@ -13,7 +13,8 @@ use anyhow::{bail, Context, Result};
 use rand::RngCore;
 
 use super::engine::{Engine, Options};
-use super::fs::{Fs, Kind, RemoteFs};
+use super::fs::{Fs, RemoteFs};
+use crate::fs::Kind;
 use crate::progress::Progress;
 use crate::remote::{Connector, Opener};
 use crate::settings::Settings;

@@ -4,12 +4,12 @@
 //! Atomicity: a file is written under a temporary name in its destination directory and renamed
 //! over the final name only when complete, so a cut copy never leaves a truncated file there and
 //! never destroys the previous version. Without `--resume` the temporary name is random and
-//! removed on failure; with it the name is fixed (`.NAME.vtun.part`) and kept, and a later
+//! removed on failure (names come from `crate::fs::temp`); with it the name is fixed (`.NAME.vtun.part`) and kept, and a later
 //! `--resume` run continues from its size. A resumable copy is written as one ordered range (see
 //! `pipe`), because parallel ranges would leave holes that a size cannot describe.
 
 use std::ffi::OsString;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,8 +17,10 @@ use anyhow::{anyhow, Context, Result};
 use futures::future::try_join_all;
 use futures::stream::{self, StreamExt};
 
-use super::fs::{Fs, Kind, Meta, Reader, Writer};
+use super::fs::{Fs, Reader, Writer};
 use super::pipe::{copy_range, Budget};
+use crate::fs::temp::{self, Guard};
+use crate::fs::{Kind, Meta};
 use crate::progress::Progress;
 use crate::sftp;
 use crate::sftp::proto;
@@ -146,7 +148,13 @@ impl Engine {
         dst_path: &Path,
         slot: usize,
     ) -> Result<()> {
-        let temp = temp_path(dst_path, self.opts.resume);
+        let hold = match (self.opts.resume, dst.is_remote()) {
+            (true, _) => temp::Hold::Resume,
+            // Over SFTP nobody can hold a lock on it.
+            (false, true) => temp::Hold::Age,
+            (false, false) => temp::Hold::Lock,
+        };
+        let temp = temp::beside(dst_path, hold);
         let mut start = 0;
         if self.opts.resume {
             if let Ok(Some(m)) = dst.lstat(&temp).await {
@@ -161,17 +169,15 @@ impl Engine {
             moved.fetch_add(n, Ordering::Relaxed);
             self.progress.add_bytes(n);
         };
-        let mut guard = Abandoned {
-            fs: dst,
-            path: &temp,
-            armed: !self.opts.resume,
-        };
+        let guard = (!self.opts.resume).then(|| abandoned(dst, &temp));
         let result = self
             .fill(
                 src, src_path, meta, dst, dst_path, &temp, start, slot, &on_bytes,
             )
             .await;
-        guard.armed = false;
+        if let Some(g) = guard {
+            g.disarm();
+        }
         match result {
             Ok(()) => {
                 self.progress.file_done();
@@ -313,34 +319,25 @@ impl Engine {
 
 /// Removes a temporary file when its copy is abandoned mid-way (the future dropped, as on
 /// Ctrl-C); finished or failed copies disarm it and clean up themselves.
-struct Abandoned<'a> {
-    fs: &'a Fs,
-    path: &'a Path,
-    armed: bool,
-}
-
-impl Drop for Abandoned<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
+fn abandoned(fs: &Fs, path: &Path) -> Guard<impl FnOnce()> {
+    let (fs, path) = (fs.clone(), path.to_path_buf());
+    Guard::new(move || match fs {
+        // Beneath a root too: the temporary name was made there, and removing by name can only
+        // remove that name.
+        Fs::Local | Fs::Beneath(_) => {
+            let _ = std::fs::remove_file(&path);
         }
-        match self.fs {
-            Fs::Local => {
-                let _ = std::fs::remove_file(self.path);
-            }
-            Fs::Remote(r) => {
-                // Best effort: runs only if the runtime lives on long enough.
-                let (r, p) = (r.clone(), self.path.to_path_buf());
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        if let Ok(c) = r.client(0).await {
-                            let _ = c.remove(&p).await;
-                        }
-                    });
-                }
+        Fs::Remote(r) => {
+            // Best effort: runs only if the runtime lives on long enough.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Ok(c) = r.client(0).await {
+                        let _ = c.remove(&path).await;
+                    }
+                });
             }
         }
-    }
+    })
 }
 
 /// Bytes per server-side copy request (one request per step, so progress moves).
@@ -411,26 +408,6 @@ async fn base_name(fs: &Fs, path: &Path) -> Result<OsString> {
     }
 }
 
-/// `.<name>.vtun-<random>.part` beside `final_path`, or the fixed `.<name>.vtun.part` for
-/// `--resume`. Long names are shortened so the temporary name stays under NAME_MAX.
-pub fn temp_path(final_path: &Path, resumable: bool) -> PathBuf {
-    let name = final_path
-        .file_name()
-        .map(|n| n.as_bytes())
-        .unwrap_or(b"file");
-    let suffix = if resumable {
-        ".vtun.part".to_string()
-    } else {
-        format!(".vtun-{:08x}.part", rand::random::<u32>())
-    };
-    let keep = name.len().min(255 - 1 - suffix.len());
-    let mut t = Vec::with_capacity(255);
-    t.push(b'.');
-    t.extend_from_slice(&name[..keep]);
-    t.extend_from_slice(suffix.as_bytes());
-    final_path.with_file_name(OsString::from_vec(t))
-}
-
 /// Split `start..end` into up to `n` ranges of at least `RANGE_MIN` (one if small).
 pub fn split(start: u64, end: u64, n: usize) -> Vec<(u64, u64)> {
     let len = end.saturating_sub(start);
@@ -450,18 +427,6 @@ pub fn split(start: u64, end: u64, n: usize) -> Vec<(u64, u64)> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn temp_names_sit_beside_the_final_name() {
-        let t = temp_path(Path::new("/d/file.txt"), true);
-        assert_eq!(t, Path::new("/d/.file.txt.vtun.part"));
-        let r = temp_path(Path::new("rel"), false);
-        let s = r.to_string_lossy();
-        assert!(s.starts_with(".rel.vtun-") && s.ends_with(".part"), "{s}");
-        let long = "x".repeat(255);
-        let t = temp_path(Path::new(&long), false);
-        assert!(t.file_name().map_or(0, |n| n.len()) <= 255);
-    }
 
     #[test]
     fn ranges_cover_the_file_exactly() {

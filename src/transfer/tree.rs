@@ -4,7 +4,10 @@
 //!
 //! Symlinks are created last and as links (never followed), and a listing that names the same
 //! entry twice is refused: together these stop a hostile source from planting a link and then
-//! writing through it.
+//! writing through it. A symlink already in the destination where the source has a directory
+//! is replaced by that directory, never written through (sync's rule too, and rsync's), so one
+//! run cannot plant a link that a later run follows; where the copied directory itself would go,
+//! anything but a directory is refused.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -12,8 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::engine::{temp_path, Engine};
-use super::fs::{Fs, Kind, Meta};
+use super::engine::Engine;
+use super::fs::Fs;
+use crate::fs::{Kind, Meta, Root};
+use std::sync::Arc;
 
 /// Directory listings (or mkdirs) in flight at once.
 const LIST_CONCURRENCY: usize = 16;
@@ -110,6 +115,22 @@ async fn copy_tree_inner(
     engine.progress.add_total(files, bytes);
 
     dst.mkdir(dst_root, 0o700 | root_meta.mode).await?;
+    // A local destination is written beneath its root by directory descriptor from here on.
+    let beneath;
+    let dst = match dst {
+        Fs::Local => {
+            let root = Root::open(dst_root).map_err(|e| {
+                anyhow!(
+                    "cannot open {}: {}",
+                    dst.show(dst_root),
+                    crate::fs::io_text(&e)
+                )
+            })?;
+            beneath = Fs::Beneath(Arc::new(root));
+            &beneath
+        }
+        other => other,
+    };
     let dirs: Vec<(PathBuf, Meta)> = entries
         .iter()
         .filter(|(_, m)| m.kind == Kind::Dir)
@@ -117,11 +138,14 @@ async fn copy_tree_inner(
         .collect();
     // Parents before children, siblings concurrently (each mkdir is a round trip).
     for level in by_depth(&dirs) {
-        let made = futures::stream::iter(level)
-            .map(|(rel, m)| async move { dst.mkdir(&dst_root.join(rel), 0o700 | m.mode).await })
-            .buffer_unordered(LIST_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
+        let made =
+            futures::stream::iter(level)
+                .map(|(rel, m)| async move {
+                    dst.mkdir_inside(&dst_root.join(rel), 0o700 | m.mode).await
+                })
+                .buffer_unordered(LIST_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
         made.into_iter().collect::<Result<Vec<()>>>()?;
     }
 
@@ -184,7 +208,8 @@ async fn copy_tree_inner(
 /// Recreate symlink `src_path` at `dst_path` (atomically replacing what is there).
 pub async fn copy_link(src: &Fs, src_path: &Path, dst: &Fs, dst_path: &Path) -> Result<()> {
     let target = src.read_link(src_path).await?;
-    let temp = temp_path(dst_path, false);
+    // A symlink cannot be locked: only age marks a leftover one.
+    let temp = crate::fs::temp::beside(dst_path, crate::fs::temp::Hold::Age);
     dst.symlink(&target, &temp).await?;
     if let Err(e) = dst.rename(&temp, dst_path).await {
         let _ = dst.remove(&temp).await;
