@@ -5,13 +5,14 @@
 //! modules (`proxy`, `exec`, `transfer`, `sync`, `gateway`) each take validated options.
 
 pub mod cli;
+pub mod cmd;
 pub mod error;
 pub mod exec;
 pub mod fs;
 pub mod gateway;
+pub mod link;
 pub mod progress;
 pub mod proxy;
-pub mod remote;
 pub mod run;
 pub mod settings;
 pub mod ssh;

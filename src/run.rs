@@ -19,8 +19,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             clap_complete::generate(a.shell, &mut Cli::command(), "vtun", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Ssh(a) => crate::exec::ssh(g, &a),
-        Command::Exec(a) => crate::exec::exec(g, &a),
+        Command::Ssh(a) => crate::cmd::ssh::run(g, &a),
+        Command::Exec(a) => crate::cmd::exec::run(g, &a),
         Command::Cp(a) => {
             let settings = Settings::from_args(g, &a.identity.identity)?;
             let (rt, c) = engine(&settings)?;

@@ -1,11 +1,13 @@
-//! Channels as byte streams for the engines: [`Session`] implements [`Opener`] (each `sftp()` or
-//! `exec()` is a new channel on the same session, usable in parallel) and [`SshConnector`]
+//! SSH channels behind the [`Link`] seam: [`Session`] implements [`Link`] (each stream or exec
+//! channel is a new channel on the same session, usable in parallel) and [`SshConnector`]
 //! implements [`Connector`].
 //!
-//! Each channel gets its own pump task that moves the channel's messages into the stream: stdout
-//! to the reader, stderr straight to our stderr, the server's refusal of the request as a read
-//! error. Requests are sent with want-reply but not awaited, so opening a stream costs one round
-//! trip (the channel open), not two.
+//! Each channel gets its own pump task that moves the channel's messages into streams: stdout to
+//! a reader, stderr to its own reader (exec channels) or to our stderr (byte streams), the
+//! server's refusal of the request as a read error or a failed status. Requests are sent with
+//! want-reply but not awaited, so opening a stream costs one round trip (the channel open), not
+//! two. Pumps never block a runtime worker: every write they make is async, so a stalled reader
+//! holds up only its own channel (and, through russh's queues, at worst its own session).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,23 +18,36 @@ use anyhow::Result;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use russh::client::Msg;
-use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, OnceCell};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot, OnceCell};
 
 use super::{Session, SshError};
-use crate::remote::{Connector, Opener, RemoteIo};
+use crate::link::{
+    Connector, Control, ControlMsg, ExecChannel, ExecRequest, ExitStatus, Link, RemoteIo, Start,
+};
 use crate::settings::Settings;
 use crate::target::Host;
 
-/// Chunks buffered between a channel's pump and its reader.
+/// Chunks buffered between a channel's pump and each of its readers.
 const READ_QUEUE: usize = 64;
 
 /// A channel's stdin/stdout as one stream; dropping it closes the channel.
 pub struct ChannelIo {
+    incoming: Incoming,
+    outgoing: Outgoing,
+}
+
+/// The read side of a channel stream: chunks from the pump. An empty chunk or the pump hanging
+/// up is EOF.
+struct Incoming {
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
     pending: Bytes,
     eof: bool,
+}
+
+/// The write side: the channel's data, guarded so a dead channel fails instead of hanging.
+struct Outgoing {
     writer: Pin<Box<dyn AsyncWrite + Send>>,
     closed: Arc<Closed>,
 }
@@ -82,11 +97,8 @@ impl ChannelIo {
         let closed = Arc::new(Closed::new(host));
         tokio::spawn(pump(rd, wr, tx, what, closed.clone()));
         ChannelIo {
-            rx,
-            pending: Bytes::new(),
-            eof: false,
-            writer,
-            closed,
+            incoming: Incoming::new(rx),
+            outgoing: Outgoing { writer, closed },
         }
     }
 }
@@ -101,6 +113,7 @@ async fn pump(
     closed: Arc<Closed>,
 ) {
     let mut ended = false;
+    let mut stderr = tokio::io::stderr();
     loop {
         let msg = tokio::select! {
             m = rd.wait() => m,
@@ -112,9 +125,9 @@ async fn pump(
                     break;
                 }
             }
+            // Async: a stalled reader of our stderr holds up this channel, never a worker.
             Some(ChannelMsg::ExtendedData { data, .. }) => {
-                use std::io::Write;
-                let _ = std::io::stderr().write_all(&data);
+                let _ = stderr.write_all(&data).await;
             }
             Some(ChannelMsg::Failure) if !ended => {
                 ended = true;
@@ -142,6 +155,7 @@ async fn pump(
             Some(_) => {}
         }
     }
+    let _ = stderr.flush().await;
     closed.set();
     if !ended {
         let _ = tx.try_send(Ok(Bytes::new()));
@@ -150,7 +164,189 @@ async fn pump(
     let _ = wr.close().await;
 }
 
-impl AsyncRead for ChannelIo {
+/// Start an exec channel's pump and hand out its parts. `round_trip` is polled after our close
+/// is queued, to learn that it reached the server.
+fn exec_channel(
+    channel: Channel<Msg>,
+    host: &str,
+    round_trip: BoxFuture<'static, ()>,
+) -> ExecChannel {
+    let writer = Box::pin(channel.make_writer());
+    let (rd, wr) = channel.split();
+    let (out_tx, out_rx) = mpsc::channel(READ_QUEUE);
+    let (err_tx, err_rx) = mpsc::channel(READ_QUEUE);
+    let (status_tx, status_rx) = oneshot::channel();
+    let (control, requests) = Control::new();
+    let closed = Arc::new(Closed::new(host));
+    let outputs = Outputs {
+        stdout: Some(out_tx),
+        stderr: Some(err_tx),
+    };
+    tokio::spawn(pump_exec(
+        rd,
+        wr,
+        outputs,
+        status_tx,
+        requests,
+        closed.clone(),
+        round_trip,
+    ));
+    let host = host.to_string();
+    ExecChannel {
+        stdin: Box::new(Outgoing { writer, closed }),
+        stdout: Box::new(Incoming::new(out_rx)),
+        stderr: Box::new(Incoming::new(err_rx)),
+        status: Box::pin(async move {
+            status_rx.await.unwrap_or_else(|_| {
+                Err(SshError::ConnectionLost(format!("the channel to {host} vanished")).into())
+            })
+        }),
+        control,
+    }
+}
+
+/// An exec channel's two output queues; a side whose reader went away is dropped and its data
+/// discarded, so the other side and the control requests keep moving.
+struct Outputs {
+    stdout: Option<mpsc::Sender<std::io::Result<Bytes>>>,
+    stderr: Option<mpsc::Sender<std::io::Result<Bytes>>>,
+}
+
+impl Outputs {
+    async fn send(side: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, data: Bytes) {
+        if let Some(tx) = side {
+            if tx.send(Ok(data)).await.is_err() {
+                *side = None;
+            }
+        }
+    }
+}
+
+/// Moves an exec channel's messages to its output queues and its control requests to the
+/// server, until the channel closes; then resolves the status. The outputs end first, so a
+/// reader has all the data by the time the status arrives.
+///
+/// Once we have sent our close, russh drops whatever the server sends on the channel, its close
+/// included: a close of ours is confirmed by a ping's answer instead, and ends the pump.
+#[allow(clippy::too_many_arguments)]
+async fn pump_exec(
+    mut rd: ChannelReadHalf,
+    wr: ChannelWriteHalf<Msg>,
+    mut out: Outputs,
+    status_tx: oneshot::Sender<Result<ExitStatus>>,
+    mut requests: mpsc::Receiver<ControlMsg>,
+    closed: Arc<Closed>,
+    round_trip: BoxFuture<'static, ()>,
+) {
+    let mut status = None;
+    let mut refused = false;
+    let mut close_ack = None;
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            msg = rd.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => Outputs::send(&mut out.stdout, data).await,
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                    Outputs::send(&mut out.stderr, data).await
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    status = Some(ExitStatus::Code(exit_status));
+                }
+                Some(ChannelMsg::ExitSignal { signal_name, core_dumped, .. }) => {
+                    let name = match signal_name {
+                        Sig::Custom(name) => name.trim_start_matches("SIG").to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    status = Some(ExitStatus::Signal { name, core_dumped });
+                }
+                // The only request sent with want-reply is the exec (or shell) itself.
+                Some(ChannelMsg::Failure) if status.is_none() => {
+                    refused = true;
+                    break;
+                }
+                Some(ChannelMsg::Eof) => {
+                    out.stdout = None;
+                    out.stderr = None;
+                }
+                Some(ChannelMsg::Close) => break,
+                None => {
+                    lost = true;
+                    break;
+                }
+                Some(_) => {}
+            },
+            Some(req) = requests.recv() => match req {
+                ControlMsg::Signal(name) => {
+                    let _ = wr.signal(sig(&name)).await;
+                }
+                ControlMsg::Resize { cols, rows } => {
+                    let _ = wr.window_change(cols, rows, 0, 0).await;
+                }
+                ControlMsg::Close(ack) => {
+                    let _ = wr.close().await;
+                    round_trip.await;
+                    close_ack = Some(ack);
+                    break;
+                }
+            },
+        }
+    }
+    closed.set();
+    drop(out);
+    // A channel that ends without a status (the link died, keepalives went unanswered) is a
+    // lost connection, never a success.
+    let result = match (status, refused) {
+        (_, true) => {
+            Err(SshError::Protocol("the server refused to start the command".into()).into())
+        }
+        (Some(st), _) => Ok(st),
+        (None, _) => Err(SshError::ConnectionLost(
+            "the remote command's exit status never arrived".into(),
+        )
+        .into()),
+    };
+    let _ = status_tx.send(result);
+    match close_ack {
+        Some(ack) => {
+            let _ = ack.send(());
+        }
+        None if !lost => {
+            let _ = wr.close().await;
+        }
+        None => {}
+    }
+}
+
+/// russh's name for a signal (named without `SIG`).
+fn sig(name: &str) -> Sig {
+    match name {
+        "ABRT" => Sig::ABRT,
+        "ALRM" => Sig::ALRM,
+        "FPE" => Sig::FPE,
+        "HUP" => Sig::HUP,
+        "ILL" => Sig::ILL,
+        "INT" => Sig::INT,
+        "KILL" => Sig::KILL,
+        "PIPE" => Sig::PIPE,
+        "QUIT" => Sig::QUIT,
+        "SEGV" => Sig::SEGV,
+        "TERM" => Sig::TERM,
+        "USR1" => Sig::USR1,
+        other => Sig::Custom(other.to_string()),
+    }
+}
+
+impl Incoming {
+    fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Incoming {
+        Incoming {
+            rx,
+            pending: Bytes::new(),
+            eof: false,
+        }
+    }
+}
+
+impl AsyncRead for Incoming {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -178,7 +374,7 @@ impl AsyncRead for ChannelIo {
     }
 }
 
-impl AsyncWrite for ChannelIo {
+impl AsyncWrite for Outgoing {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -197,6 +393,34 @@ impl AsyncWrite for ChannelIo {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let closed = self.closed.clone();
         guard(&closed, cx, |cx| self.writer.as_mut().poll_shutdown(cx))
+    }
+}
+
+impl AsyncRead for ChannelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.incoming).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ChannelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.outgoing).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_shutdown(cx)
     }
 }
 
@@ -223,7 +447,7 @@ fn guard<T>(
     }
 }
 
-impl Opener for Session {
+impl Link for Session {
     fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
         Box::pin(async move {
             let ch = self.open_channel().await?;
@@ -240,6 +464,43 @@ impl Opener for Session {
             let ch = self.open_channel().await?;
             ch.exec(true, command.as_bytes()).await.map_err(lost)?;
             let what = format!("to run {command:?}");
+            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
+            Ok(io)
+        })
+    }
+
+    fn open_exec(&self, req: ExecRequest) -> BoxFuture<'_, Result<ExecChannel>> {
+        Box::pin(async move {
+            let ch = self.open_channel().await?;
+            // Only the start asks for a reply: a refused env or pty is not fatal under ssh
+            // either, and the start's reply is the one the pump turns into a failed status.
+            for (k, v) in &req.env {
+                ch.set_env(false, k, v).await.map_err(lost)?;
+            }
+            if let Some(p) = &req.pty {
+                let modes: Vec<(russh::Pty, u32)> = p
+                    .modes
+                    .iter()
+                    .filter_map(|&(op, v)| russh::Pty::from_u8(op).map(|m| (m, v)))
+                    .collect();
+                ch.request_pty(false, &p.term, p.cols, p.rows, 0, 0, &modes)
+                    .await
+                    .map_err(lost)?;
+            }
+            match &req.start {
+                Start::Command(line) => ch.exec(true, line.as_bytes()).await,
+                Start::Shell => ch.request_shell(true).await,
+            }
+            .map_err(lost)?;
+            Ok(exec_channel(ch, self.name(), self.round_trip()))
+        })
+    }
+
+    fn direct_tcpip(&self, host: &str, port: u16) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        let host = host.to_string();
+        Box::pin(async move {
+            let ch = self.open_direct_tcpip(&host, port).await?;
+            let what = format!("a tcp stream to {host}:{port}");
             let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
             Ok(io)
         })
@@ -297,9 +558,9 @@ impl SshConnector {
 }
 
 impl Connector for SshConnector {
-    fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Opener>>> {
+    fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Link>>> {
         Box::pin(async move {
-            let s: Arc<dyn Opener> = self.session(host).await?;
+            let s: Arc<dyn Link> = self.session(host).await?;
             Ok(s)
         })
     }

@@ -4,7 +4,7 @@
 //! One [`Session`] is one TLS connection carrying one SSH transport; it is cheap to share
 //! (`Arc<Session>`) and opens any number of channels concurrently, which is how `cp` and `sync`
 //! get past OpenSSH's fixed per-channel window. [`SshConnector`] is the production
-//! [`crate::remote::Connector`].
+//! [`crate::link::Connector`].
 //!
 //! Round trips from TCP connect to the first output byte of `vtun exec VM true`: 9, read off a
 //! `RUST_LOG=russh=debug` trace on the test bed at 20 ms RTT. TCP 1; TLS 1.3 1; SSH version and

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::pattern::Excludes;
 use super::tree::{is_temp_name, Entry, Kind, ListOpts, Listing, RelPath};
-use crate::remote::Opener;
+use crate::link::Link as Opener;
 use crate::transfer::fs::{Fs, Kind as FsKind, Meta, Reader, Writer};
 use crate::transfer::RemoteFs;
 

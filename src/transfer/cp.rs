@@ -12,8 +12,8 @@ use super::fs::{Fs, RemoteFs};
 use super::sftp;
 use crate::cli::CpArgs;
 use crate::error::Failure;
+use crate::link::Connector;
 use crate::progress::Progress;
-use crate::remote::Connector;
 use crate::settings::Settings;
 use crate::target::{Host, Location};
 

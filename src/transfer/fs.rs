@@ -20,7 +20,7 @@ use super::handle::{attrs_for, file_times};
 pub use super::handle::{Reader, Writer};
 use super::proto::{self, Attrs};
 use super::sftp::{self, Sftp};
-use crate::remote::Opener;
+use crate::link::Link as Opener;
 
 /// What kind of entry a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

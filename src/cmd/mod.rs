@@ -1,0 +1,2 @@
+pub mod exec;
+pub mod ssh;
