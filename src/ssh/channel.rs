@@ -1,10 +1,9 @@
 //! SSH channels behind the [`Link`] seam: [`Session`] implements [`Link`] (each stream or exec
 //! channel is a new channel on the same session, usable in parallel) and [`SshConnector`]
-//! implements [`Connector`].
+//! implements [`Connector`]. Byte streams live here, exec channels in `exec`.
 //!
 //! Each channel gets its own pump task that moves the channel's messages into streams: stdout to
-//! a reader, stderr to its own reader (exec channels) or to our stderr (byte streams), the
-//! server's refusal of the request as a read error or a failed status. Requests are sent with
+//! the reader, stderr to our stderr, the server's refusal of the request as a read error. Requests are sent with
 //! want-reply but not awaited, so opening a stream costs one round trip (the channel open), not
 //! two. Pumps never block a runtime worker: every write they make is async, so a stalled reader
 //! holds up only its own channel (and, through russh's queues, at worst its own session).
@@ -18,19 +17,17 @@ use anyhow::Result;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use russh::client::Msg;
-use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{mpsc, oneshot, OnceCell};
+use tokio::sync::{mpsc, OnceCell};
 
 use super::{Session, SshError};
-use crate::link::{
-    Connector, Control, ControlMsg, ExecChannel, ExecRequest, ExitStatus, Link, RemoteIo, Start,
-};
+use crate::link::{Connector, ExecChannel, ExecRequest, Link, RemoteIo, Start};
 use crate::settings::Settings;
 use crate::target::Host;
 
 /// Chunks buffered between a channel's pump and each of its readers.
-const READ_QUEUE: usize = 64;
+pub(super) const READ_QUEUE: usize = 64;
 
 /// A channel's stdin/stdout as one stream; dropping it closes the channel.
 pub struct ChannelIo {
@@ -40,22 +37,22 @@ pub struct ChannelIo {
 
 /// The read side of a channel stream: chunks from the pump. An empty chunk or the pump hanging
 /// up is EOF.
-struct Incoming {
+pub(super) struct Incoming {
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
     pending: Bytes,
     eof: bool,
 }
 
 /// The write side: the channel's data, guarded so a dead channel fails instead of hanging.
-struct Outgoing {
-    writer: Pin<Box<dyn AsyncWrite + Send>>,
-    closed: Arc<Closed>,
+pub(super) struct Outgoing {
+    pub(super) writer: Pin<Box<dyn AsyncWrite + Send>>,
+    pub(super) closed: Arc<Closed>,
 }
 
 /// Set by the pump when the channel or the whole session is gone. russh's writer would wait
 /// forever for window space that can no longer arrive, so writes check this first and a
 /// pending write is woken when it flips.
-struct Closed {
+pub(super) struct Closed {
     flag: std::sync::atomic::AtomicBool,
     waker: futures::task::AtomicWaker,
     /// The host, so the error names it.
@@ -63,7 +60,7 @@ struct Closed {
 }
 
 impl Closed {
-    fn new(host: &str) -> Closed {
+    pub(super) fn new(host: &str) -> Closed {
         Closed {
             flag: Default::default(),
             waker: Default::default(),
@@ -78,7 +75,7 @@ impl Closed {
         )
     }
 
-    fn set(&self) {
+    pub(super) fn set(&self) {
         self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
         self.waker.wake();
     }
@@ -164,180 +161,8 @@ async fn pump(
     let _ = wr.close().await;
 }
 
-/// Start an exec channel's pump and hand out its parts. `round_trip` is polled after our close
-/// is queued, to learn that it reached the server.
-fn exec_channel(
-    channel: Channel<Msg>,
-    host: &str,
-    round_trip: BoxFuture<'static, ()>,
-) -> ExecChannel {
-    let writer = Box::pin(channel.make_writer());
-    let (rd, wr) = channel.split();
-    let (out_tx, out_rx) = mpsc::channel(READ_QUEUE);
-    let (err_tx, err_rx) = mpsc::channel(READ_QUEUE);
-    let (status_tx, status_rx) = oneshot::channel();
-    let (control, requests) = Control::new();
-    let closed = Arc::new(Closed::new(host));
-    let outputs = Outputs {
-        stdout: Some(out_tx),
-        stderr: Some(err_tx),
-    };
-    tokio::spawn(pump_exec(
-        rd,
-        wr,
-        outputs,
-        status_tx,
-        requests,
-        closed.clone(),
-        round_trip,
-    ));
-    let host = host.to_string();
-    ExecChannel {
-        stdin: Box::new(Outgoing { writer, closed }),
-        stdout: Box::new(Incoming::new(out_rx)),
-        stderr: Box::new(Incoming::new(err_rx)),
-        status: Box::pin(async move {
-            status_rx.await.unwrap_or_else(|_| {
-                Err(SshError::ConnectionLost(format!("the channel to {host} vanished")).into())
-            })
-        }),
-        control,
-    }
-}
-
-/// An exec channel's two output queues; a side whose reader went away is dropped and its data
-/// discarded, so the other side and the control requests keep moving.
-struct Outputs {
-    stdout: Option<mpsc::Sender<std::io::Result<Bytes>>>,
-    stderr: Option<mpsc::Sender<std::io::Result<Bytes>>>,
-}
-
-impl Outputs {
-    async fn send(side: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, data: Bytes) {
-        if let Some(tx) = side {
-            if tx.send(Ok(data)).await.is_err() {
-                *side = None;
-            }
-        }
-    }
-}
-
-/// Moves an exec channel's messages to its output queues and its control requests to the
-/// server, until the channel closes; then resolves the status. The outputs end first, so a
-/// reader has all the data by the time the status arrives.
-///
-/// Once we have sent our close, russh drops whatever the server sends on the channel, its close
-/// included: a close of ours is confirmed by a ping's answer instead, and ends the pump.
-#[allow(clippy::too_many_arguments)]
-async fn pump_exec(
-    mut rd: ChannelReadHalf,
-    wr: ChannelWriteHalf<Msg>,
-    mut out: Outputs,
-    status_tx: oneshot::Sender<Result<ExitStatus>>,
-    mut requests: mpsc::Receiver<ControlMsg>,
-    closed: Arc<Closed>,
-    round_trip: BoxFuture<'static, ()>,
-) {
-    let mut status = None;
-    let mut refused = false;
-    let mut close_ack = None;
-    let mut lost = false;
-    loop {
-        tokio::select! {
-            msg = rd.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => Outputs::send(&mut out.stdout, data).await,
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
-                    Outputs::send(&mut out.stderr, data).await
-                }
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    status = Some(ExitStatus::Code(exit_status));
-                }
-                Some(ChannelMsg::ExitSignal { signal_name, core_dumped, .. }) => {
-                    let name = match signal_name {
-                        Sig::Custom(name) => name.trim_start_matches("SIG").to_string(),
-                        other => format!("{other:?}"),
-                    };
-                    status = Some(ExitStatus::Signal { name, core_dumped });
-                }
-                // The only request sent with want-reply is the exec (or shell) itself.
-                Some(ChannelMsg::Failure) if status.is_none() => {
-                    refused = true;
-                    break;
-                }
-                Some(ChannelMsg::Eof) => {
-                    out.stdout = None;
-                    out.stderr = None;
-                }
-                Some(ChannelMsg::Close) => break,
-                None => {
-                    lost = true;
-                    break;
-                }
-                Some(_) => {}
-            },
-            Some(req) = requests.recv() => match req {
-                ControlMsg::Signal(name) => {
-                    let _ = wr.signal(sig(&name)).await;
-                }
-                ControlMsg::Resize { cols, rows } => {
-                    let _ = wr.window_change(cols, rows, 0, 0).await;
-                }
-                ControlMsg::Close(ack) => {
-                    let _ = wr.close().await;
-                    round_trip.await;
-                    close_ack = Some(ack);
-                    break;
-                }
-            },
-        }
-    }
-    closed.set();
-    drop(out);
-    // A channel that ends without a status (the link died, keepalives went unanswered) is a
-    // lost connection, never a success.
-    let result = match (status, refused) {
-        (_, true) => {
-            Err(SshError::Protocol("the server refused to start the command".into()).into())
-        }
-        (Some(st), _) => Ok(st),
-        (None, _) => Err(SshError::ConnectionLost(
-            "the remote command's exit status never arrived".into(),
-        )
-        .into()),
-    };
-    let _ = status_tx.send(result);
-    match close_ack {
-        Some(ack) => {
-            let _ = ack.send(());
-        }
-        None if !lost => {
-            let _ = wr.close().await;
-        }
-        None => {}
-    }
-}
-
-/// russh's name for a signal (named without `SIG`).
-fn sig(name: &str) -> Sig {
-    match name {
-        "ABRT" => Sig::ABRT,
-        "ALRM" => Sig::ALRM,
-        "FPE" => Sig::FPE,
-        "HUP" => Sig::HUP,
-        "ILL" => Sig::ILL,
-        "INT" => Sig::INT,
-        "KILL" => Sig::KILL,
-        "PIPE" => Sig::PIPE,
-        "QUIT" => Sig::QUIT,
-        "SEGV" => Sig::SEGV,
-        "TERM" => Sig::TERM,
-        "USR1" => Sig::USR1,
-        other => Sig::Custom(other.to_string()),
-    }
-}
-
 impl Incoming {
-    fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Incoming {
+    pub(super) fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Incoming {
         Incoming {
             rx,
             pending: Bytes::new(),
@@ -492,7 +317,7 @@ impl Link for Session {
                 Start::Shell => ch.request_shell(true).await,
             }
             .map_err(lost)?;
-            Ok(exec_channel(ch, self.name(), self.round_trip()))
+            Ok(super::exec::channel(ch, self.name(), self.round_trip()))
         })
     }
 

@@ -16,6 +16,7 @@
 
 mod auth;
 mod channel;
+mod exec;
 mod hostkey;
 mod keyfile;
 mod retry;
