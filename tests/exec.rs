@@ -111,6 +111,40 @@ fn exec_takes_the_command_without_double_dash() {
     assert!(out.stderr.contains("<CMD>"), "{}", out.stderr);
 }
 
+/// Wait for `child` (stdout and stderr piped) and collect its output, failing the test after
+/// `limit` instead of hanging.
+fn finish_within(mut child: std::process::Child, limit: Duration) -> Out {
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vtun still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Out {
+        status,
+        stdout: t1.join().expect("join"),
+        stderr: String::from_utf8_lossy(&t2.join().expect("join")).into_owned(),
+    }
+}
+
 /// Reads exactly `n` bytes from `from` on a thread, failing the test if they do not arrive in
 /// time (the old blocking writes deadlocked here instead of failing).
 fn read_within(mut from: impl std::io::Read + Send + 'static, n: usize) -> Vec<u8> {
@@ -297,16 +331,23 @@ impl Tmux {
 
     /// Wait until the pane shows `text`.
     fn wait_for(&self, text: &str) -> String {
+        match self.shows_within(text, Duration::from_secs(15)) {
+            Ok(screen) => screen,
+            Err(screen) => panic!("pane never showed {text:?}:\n{screen}"),
+        }
+    }
+
+    /// The screen once it shows `text`, or the last screen after `limit`.
+    fn shows_within(&self, text: &str, limit: Duration) -> Result<String, String> {
         let start = Instant::now();
         loop {
             let screen = self.run(&["capture-pane", "-p", "-t", "t"]);
             if screen.contains(text) {
-                return screen;
+                return Ok(screen);
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "pane never showed {text:?}:\n{screen}"
-            );
+            if start.elapsed() > limit {
+                return Err(screen);
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -352,9 +393,18 @@ fn interactive_shell_in_tmux_follows_resizes_and_restores_the_terminal() {
     tmux.run(&["send-keys", "-t", "t", "stty size; echo SIZE-DONE", "Enter"]);
     tmux.wait_for("30 100");
     tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
-    std::thread::sleep(Duration::from_millis(300));
-    tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
-    tmux.wait_for("40 120");
+    // The resize travels SIGWINCH → vtun → window-change → sshd: ask again until it has landed.
+    let start = Instant::now();
+    loop {
+        tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+        match tmux.shows_within("40 120", Duration::from_secs(1)) {
+            Ok(_) => break,
+            Err(screen) => assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the remote never saw the resize:\n{screen}"
+            ),
+        }
+    }
     tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
     tmux.wait_for("VTUN-EXITED");
     let after = read(&stty_after);
@@ -503,8 +553,8 @@ fn boot_wait_retries_until_sshd_is_up_and_gives_up_after_wait() {
     let child = cmd.spawn().expect("spawn");
     std::thread::sleep(Duration::from_secs(3));
     bed.start_vm("late");
-    let out = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = finish_within(child, LIMIT);
+    let stderr = &out.stderr;
     assert!(out.status.success(), "stderr: {stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "booted\n");
     assert_eq!(
@@ -549,9 +599,9 @@ fn keepalive_survives_an_idle_cut_and_notices_a_stalled_link() {
     std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("started");
     bed.fault("a").arm(Fault::StallAfter(0));
     let start = Instant::now();
-    let out = child.wait_with_output().expect("wait");
+    let out = finish_within(child, LIMIT);
     bed.fault("a").release();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert_eq!(out.status.code(), Some(255), "stderr: {stderr}");
     assert!(stderr.contains("connection lost"), "{stderr}");
     assert!(
@@ -578,8 +628,8 @@ fn ctrl_c_ends_the_remote_command_and_exits_130() {
     let pid = child.id().to_string();
     let sent = Command::new("kill").args(["-INT", &pid]).status();
     assert!(sent.expect("kill").success());
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(130));
+    let out = finish_within(child, LIMIT);
+    assert_eq!(out.status.code(), Some(130), "stderr: {}", out.stderr);
     let start = Instant::now();
     loop {
         let alive = Command::new("pgrep").args(["-f", &marker]).output();

@@ -27,7 +27,7 @@ use crate::settings::Settings;
 use crate::target::Host;
 
 /// Chunks buffered between a channel's pump and each of its readers.
-pub(super) const READ_QUEUE: usize = 64;
+const READ_QUEUE: usize = 64;
 
 /// A channel's stdin/stdout as one stream; dropping it closes the channel.
 pub struct ChannelIo {
@@ -37,7 +37,7 @@ pub struct ChannelIo {
 
 /// The read side of a channel stream: chunks from the pump. An empty chunk or the pump hanging
 /// up is EOF.
-pub(super) struct Incoming {
+struct Incoming {
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
     pending: Bytes,
     eof: bool,
@@ -162,7 +162,7 @@ async fn pump(
 }
 
 impl Incoming {
-    pub(super) fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Incoming {
+    fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Incoming {
         Incoming {
             rx,
             pending: Bytes::new(),

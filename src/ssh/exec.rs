@@ -5,16 +5,19 @@
 //! The non-obvious part: once we have sent our close, russh drops whatever the server sends on
 //! the channel, its close included, so our close is confirmed by a ping's answer instead.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use anyhow::Result;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::channel::{Closed, Incoming, Outgoing, READ_QUEUE};
+use super::channel::{Closed, Outgoing};
 use super::SshError;
 use crate::link::{Control, ControlMsg, ExecChannel, ExitStatus};
 
@@ -27,8 +30,8 @@ pub(super) fn channel(
 ) -> ExecChannel {
     let writer = Box::pin(channel.make_writer());
     let (rd, wr) = channel.split();
-    let (out_tx, out_rx) = mpsc::channel(READ_QUEUE);
-    let (err_tx, err_rx) = mpsc::channel(READ_QUEUE);
+    let (out_tx, out_rx) = output();
+    let (err_tx, err_rx) = output();
     let (status_tx, status_rx) = oneshot::channel();
     let (control, requests) = Control::new();
     let closed = Arc::new(Closed::new(host));
@@ -48,8 +51,8 @@ pub(super) fn channel(
     let host = host.to_string();
     ExecChannel {
         stdin: Box::new(Outgoing { writer, closed }),
-        stdout: Box::new(Incoming::new(out_rx)),
-        stderr: Box::new(Incoming::new(err_rx)),
+        stdout: Box::new(out_rx),
+        stderr: Box::new(err_rx),
         status: Box::pin(async move {
             status_rx.await.unwrap_or_else(|_| {
                 Err(SshError::ConnectionLost(format!("the channel to {host} vanished")).into())
@@ -59,19 +62,94 @@ pub(super) fn channel(
     }
 }
 
-/// An exec channel's two output queues; a side whose reader went away is dropped and its data
+/// Bytes one output stream may hold between the pump and its reader. Counted in bytes, not
+/// chunks, so a reader that stalls one stream leaves the other this much room whatever size the
+/// server's packets are (the pump reads the channel in order: a full stream stops both).
+const STREAM_BUDGET: u32 = 4 << 20;
+/// What a chunk costs at least, so a flood of tiny packets is bounded in memory too.
+const CHUNK_COST: usize = 256;
+
+fn cost(data: &Bytes) -> u32 {
+    // Chunks are at most one SSH packet (64 KiB), far below u32::MAX.
+    data.len().max(CHUNK_COST).min(STREAM_BUDGET as usize) as u32
+}
+
+/// The pump's end of one output stream.
+struct OutputTx {
+    tx: mpsc::UnboundedSender<Bytes>,
+    room: Arc<Semaphore>,
+}
+
+/// The reader's end: gives the budget back as it takes chunks; dropping it tells the pump to
+/// discard that stream from then on.
+struct OutputRx {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    room: Arc<Semaphore>,
+    pending: Bytes,
+}
+
+fn output() -> (OutputTx, OutputRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(STREAM_BUDGET as usize));
+    let rx = OutputRx {
+        rx,
+        room: room.clone(),
+        pending: Bytes::new(),
+    };
+    (OutputTx { tx, room }, rx)
+}
+
+impl Drop for OutputRx {
+    fn drop(&mut self) {
+        self.room.close();
+    }
+}
+
+impl AsyncRead for OutputRx {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.pending.is_empty() {
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(b)) => {
+                    self.room.add_permits(cost(&b) as usize);
+                    self.pending = b;
+                }
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        let chunk = self.pending.split_to(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// An exec channel's two output streams; a side whose reader went away is dropped and its data
 /// discarded, so the other side and the control requests keep moving.
 struct Outputs {
-    stdout: Option<mpsc::Sender<std::io::Result<Bytes>>>,
-    stderr: Option<mpsc::Sender<std::io::Result<Bytes>>>,
+    stdout: Option<OutputTx>,
+    stderr: Option<OutputTx>,
 }
 
 impl Outputs {
-    async fn send(side: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, data: Bytes) {
-        if let Some(tx) = side {
-            if tx.send(Ok(data)).await.is_err() {
-                *side = None;
+    async fn send(side: &mut Option<OutputTx>, data: Bytes) {
+        let Some(out) = side else { return };
+        if data.is_empty() {
+            return;
+        }
+        let sent = match out.room.acquire_many(cost(&data)).await {
+            Ok(permit) => {
+                permit.forget();
+                out.tx.send(data).is_ok()
             }
+            Err(_) => false,
+        };
+        if !sent {
+            *side = None;
         }
     }
 }
