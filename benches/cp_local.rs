@@ -26,8 +26,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use vtun::link::{Link as Opener, RemoteIo, Subprocess};
 use vtun::progress::Progress;
-use vtun::remote::{Opener, RemoteIo, Subprocess};
 use vtun::transfer::{Engine, Fs, Options, RemoteFs};
 
 fn env(name: &str, default: usize) -> usize {

@@ -162,8 +162,9 @@ pub enum Command {
     Ssh(SshArgs),
     /// Run a command on a VM: stdout/stderr kept apart, stdin streamed, remote exit status.
     ///
-    /// Each argument after `--` is quoted for the remote shell, so `vtun exec vm -- ls "a b"`
-    /// lists one file named `a b`. With `--sh`, a single argument is run as a shell line instead
+    /// The command starts at the first operand after VM, as with ssh and docker exec; each of
+    /// its arguments is quoted for the remote shell, so `vtun exec vm ls "a b"` lists one file
+    /// named `a b`. With `--sh`, a single argument is run as a shell line instead
     /// (`vtun exec vm --sh 'cd /srv && ls | wc -l'`).
     Exec(ExecArgs),
     /// Copy files local→VM, VM→local or VM→VM, like scp but faster and atomic.
@@ -221,9 +222,10 @@ pub struct SshArgs {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
-    vtun exec vm -- uname -a\n  \
-    vtun exec vm --cd /srv/app --env RUST_LOG=debug -- ./run.sh \"arg with spaces\"\n  \
-    tar cz ./data | vtun exec vm -- tar xz -C /srv\n  \
+    vtun exec vm uname -a\n  \
+    vtun exec vm --cd /srv/app --env RUST_LOG=debug ./run.sh \"arg with spaces\"\n  \
+    tar cz ./data | vtun exec vm tar xz -C /srv\n  \
+    vtun exec vm -- -command-starting-with-a-dash\n  \
     vtun exec vm --sh 'journalctl -u app | tail -n 50'")]
 pub struct ExecArgs {
     /// Allocate a PTY (stdout and stderr are then merged, as with ssh -t).
@@ -241,8 +243,10 @@ pub struct ExecArgs {
     /// The VM: [user@]NAME.
     #[arg(value_name = "VM")]
     pub vm: String,
-    /// The command and its arguments (put them after `--`).
-    #[arg(value_name = "CMD", required = true, last = true)]
+    /// The command and its arguments. The first operand after VM starts it and everything
+    /// from there on belongs to it, flags included (`vtun exec vm ls -la`); options for vtun
+    /// go before it. `--` before the command also works (needed when it starts with `-`).
+    #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
     pub command: Vec<String>,
     #[command(flatten)]
     pub identity: IdentityArgs,

@@ -1,8 +1,9 @@
 //! vtun: reach hosts behind a TLS-terminating, SNI-routing edge (Vers VMs at `<id>.vm.vers.sh:443`).
 //!
 //! The binary is a thin shell over this library: `cli` parses, `target` turns operands into typed
-//! hosts and paths, `tls` dials the edge, `ssh` runs SSH over that stream, and the subcommand
-//! modules (`proxy`, `exec`, `transfer`, `sync`, `gateway`) each take validated options.
+//! hosts and paths, `tls` dials the edge, `ssh` runs SSH over that stream, `link` is the seam
+//! through which everything opens its streams on a VM, `cmd` turns a subcommand's flags into
+//! typed options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `gateway`) take them.
 
 pub mod cli;
 pub mod cmd;
@@ -10,9 +11,9 @@ pub mod error;
 pub mod exec;
 pub mod fs;
 pub mod gateway;
+pub mod link;
 pub mod progress;
 pub mod proxy;
-pub mod remote;
 pub mod settings;
 pub mod sftp;
 pub mod ssh;

@@ -77,6 +77,128 @@ fn arguments_are_quoted_for_the_remote_shell() {
     assert_eq!(out.stdout_str(), want);
 }
 
+/// `vtun exec VM CMD…` as ssh and docker exec take it: the first operand after VM starts the
+/// command, and everything after it is the command's, even what looks like vtun's own flags.
+#[test]
+fn exec_takes_the_command_without_double_dash() {
+    let bed = TestBed::builder().vm("a").start();
+    let run = |args: &[&str]| {
+        let mut cmd = bed.vtun();
+        cmd.arg("exec").args(args);
+        run_with_timeout(&mut cmd, LIMIT)
+    };
+    let out = run(&["a", "true"]);
+    out.assert_ok();
+    assert_eq!(run(&["a", "false"]).code(), 1);
+
+    let out = run(&[
+        "a", "printf", "[%s]", "-la", "--sh", "--env", "X=1", "--", "-t",
+    ]);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "[-la][--sh][--env][X=1][--][-t]");
+
+    // Options for vtun still go between VM and the command; `--` still works.
+    let out = run(&["a", "--env", "K=v w", "--sh", "echo \"$K\""]);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "v w\n");
+    let out = run(&["a", "--", "printf", "%s", "-n"]);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "-n");
+
+    // A VM without a command is still refused, with clap's usage error.
+    let out = run(&["a"]);
+    assert_eq!(out.code(), 2, "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("<CMD>"), "{}", out.stderr);
+}
+
+/// Reads exactly `n` bytes from `from` on a thread, failing the test if they do not arrive in
+/// time (the old blocking writes deadlocked here instead of failing).
+fn read_within(mut from: impl std::io::Read + Send + 'static, n: usize) -> Vec<u8> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; n];
+        let r = from.read_exact(&mut buf).map(|()| buf);
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(r) => r.expect("read"),
+        Err(_) => panic!("{n} bytes did not arrive within {LIMIT:?}"),
+    }
+}
+
+/// stdout and stderr are written by separate async tasks: while nobody reads vtun's stderr (a
+/// full pipe), the remote's stdout still arrives. Writing stderr with a blocking write in the
+/// channel's loop held stdout (and Ctrl-C, and a runtime worker) until stderr was read.
+#[test]
+fn a_stalled_stderr_reader_does_not_hold_up_stdout() {
+    let bed = TestBed::builder().vm("a").start();
+    let mut cmd = bed.vtun();
+    cmd.args(["exec", "a", "--sh", "--"])
+        .arg("head -c 1000000 /dev/zero >&2; echo done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let got = read_within(stdout, 5);
+    assert_eq!(got, b"done\n", "stdout arrived while stderr was stalled");
+    let mut err = Vec::new();
+    std::io::Read::read_to_end(child.stderr.as_mut().expect("stderr"), &mut err).expect("read");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(err.len(), 1_000_000, "all of stderr, after the stall");
+    assert!(err.iter().all(|&b| b == 0));
+}
+
+/// Bytes waiting in a pipe, and its capacity.
+fn pipe_fill(fd: i32) -> (i32, i32) {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int; F_GETPIPE_SZ only reads the descriptor's state.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+    assert_eq!(r, 0, "FIONREAD");
+    let size = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    assert!(size > 0, "F_GETPIPE_SZ");
+    (queued, size)
+}
+
+/// `vtun exec vm yes | less`, then Ctrl-C: with its stdout full, vtun still ends the remote
+/// command and exits 130 instead of hanging in a write.
+#[test]
+fn ctrl_c_ends_exec_while_stdout_is_stalled() {
+    use std::os::fd::AsRawFd;
+    let bed = TestBed::builder().vm("a").start();
+    let mut cmd = bed.vtun();
+    cmd.args(["exec", "a", "--", "yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let fd = child.stdout.as_ref().expect("stdout").as_raw_fd();
+    let start = Instant::now();
+    loop {
+        let (queued, size) = pipe_fill(fd);
+        if queued >= size {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "stdout pipe never filled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status();
+    assert!(sent.expect("kill").success());
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vtun did not exit after Ctrl-C with its stdout stalled");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+}
+
 #[test]
 fn stdin_at_dev_null_is_eof_at_once() {
     let bed = TestBed::builder().vm("a").start();
@@ -491,35 +613,15 @@ fn ctrl_c_ends_the_remote_command_and_exits_130() {
 /// What cp and sync rely on: one session, many channels moving data at the same time.
 #[test]
 fn one_session_carries_many_channels_at_once() {
-    use clap::Parser;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use vtun::remote::Connector;
+    use vtun::link::Connector;
 
     // In-process: the library reads SSH_AUTH_SOCK, HOME and clap's VTUN_* defaults.
     if rerun_in_clean_env(&[]) {
         return;
     }
     let bed = TestBed::builder().vm("a").start();
-    let gateway = bed.gateway_addr.to_string();
-    let cli = vtun::cli::Cli::try_parse_from([
-        "vtun",
-        "--connect",
-        &gateway,
-        "--ca-file",
-        &bed.ca_file.display().to_string(),
-        "--domain",
-        DOMAIN,
-        "--known-hosts",
-        &bed.known_hosts.display().to_string(),
-        "-l",
-        &bed.user,
-        "proxy",
-        "unused",
-    ])
-    .expect("cli");
-    let settings =
-        vtun::cmd::settings(&cli.global, std::slice::from_ref(&bed.user_key)).expect("settings");
-    let host = settings.host("a").expect("host");
+    let (settings, host) = settings_for(&bed);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let connector = vtun::ssh::SshConnector::new(settings);
@@ -558,6 +660,127 @@ fn one_session_carries_many_channels_at_once() {
         let mut head = [0u8; 5];
         sftp.read_exact(&mut head).await.expect("version");
         assert_eq!(head[4], 2, "SSH_FXP_VERSION");
+    });
+}
+
+/// Settings and the host `a` for in-process use of the library against the bed.
+fn settings_for(bed: &TestBed) -> (vtun::settings::Settings, vtun::target::Host) {
+    use clap::Parser;
+    let gateway = bed.gateway_addr.to_string();
+    let cli = vtun::cli::Cli::try_parse_from([
+        "vtun",
+        "--connect",
+        &gateway,
+        "--ca-file",
+        &bed.ca_file.display().to_string(),
+        "--domain",
+        DOMAIN,
+        "--known-hosts",
+        &bed.known_hosts.display().to_string(),
+        "-l",
+        &bed.user,
+        "proxy",
+        "unused",
+    ])
+    .expect("cli");
+    let settings =
+        vtun::cmd::settings(&cli.global, std::slice::from_ref(&bed.user_key)).expect("settings");
+    let host = settings.host("a").expect("host");
+    (settings, host)
+}
+
+/// The rest of the seam on a real session: exec channels (env, separate streams, exit code and
+/// signal, stdin EOF, resize, close) and direct-tcpip streams.
+#[test]
+fn a_session_link_opens_exec_channels_and_tcp_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vtun::link::{Connector, ExecRequest, ExitStatus, Pty, Start};
+
+    let bed = TestBed::builder().vm("a").start();
+    let (settings, host) = settings_for(&bed);
+    let sshd_port = bed.vm("a").port;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let link = vtun::ssh::SshConnector::new(settings)
+            .connect(&host)
+            .await
+            .expect("connect");
+        let req = |line: &str| ExecRequest {
+            start: Start::Command(line.into()),
+            pty: None,
+            env: vec![("VTUN_TEST_GREETING".into(), "hi there".into())],
+        };
+        let mut ch = link
+            .open_exec(req("cat; echo \"$VTUN_TEST_GREETING\" >&2; exit 3"))
+            .await
+            .expect("exec");
+        ch.stdin.write_all(b"to stdin").await.expect("write");
+        ch.stdin.shutdown().await.expect("eof");
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (o, e) = tokio::join!(
+            ch.stdout.read_to_end(&mut out),
+            ch.stderr.read_to_end(&mut err)
+        );
+        o.expect("stdout");
+        e.expect("stderr");
+        assert_eq!(out, b"to stdin");
+        assert_eq!(err, b"hi there\n");
+        assert_eq!(ch.status.await.expect("status"), ExitStatus::Code(3));
+
+        let ch = link.open_exec(req("kill -USR1 $$")).await.expect("exec");
+        let want = ExitStatus::Signal {
+            name: "USR1".into(),
+            core_dumped: false,
+        };
+        assert_eq!(ch.status.await.expect("status"), want);
+
+        // A PTY of the asked size, resized while it runs; closing ends the command.
+        let mut ch = link
+            .open_exec(ExecRequest {
+                start: Start::Command("stty size; read x; stty size; sleep 60".into()),
+                pty: Some(Pty {
+                    term: "xterm".into(),
+                    cols: 91,
+                    rows: 27,
+                    modes: Vec::new(),
+                }),
+                env: Vec::new(),
+            })
+            .await
+            .expect("pty exec");
+        let mut screen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&screen).contains("27 91") {
+            let n = ch.stdout.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "pty closed early: {:?}",
+                String::from_utf8_lossy(&screen)
+            );
+            screen.extend_from_slice(&buf[..n]);
+        }
+        ch.control.resize(120, 40).await;
+        ch.stdin.write_all(b"\n").await.expect("write");
+        while !String::from_utf8_lossy(&screen).contains("40 120") {
+            let n = ch.stdout.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "pty closed early: {:?}",
+                String::from_utf8_lossy(&screen)
+            );
+            screen.extend_from_slice(&buf[..n]);
+        }
+        let closed = tokio::time::timeout(LIMIT, ch.control.close()).await;
+        assert!(closed.is_ok(), "close was never confirmed");
+
+        // direct-tcpip to the VM's own sshd: its banner comes back through the channel.
+        let mut tcp = link
+            .direct_tcpip("127.0.0.1", sshd_port)
+            .await
+            .expect("direct-tcpip");
+        let mut banner = [0u8; 8];
+        tcp.read_exact(&mut banner).await.expect("banner");
+        assert_eq!(&banner, b"SSH-2.0-");
     });
 }
 

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use vtun::cli::{Cli, Command};
-use vtun::remote::{Connector, Opener, RemoteIo, Subprocess};
+use vtun::link::{Connector, Link as Opener, RemoteIo, Subprocess};
 use vtun::target::Host;
 
 fn bin() -> PathBuf {

@@ -21,7 +21,7 @@ use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use vtun::cli::{Cli, Command};
-use vtun::remote::{Connector, LocalConnector, Opener, RemoteIo, Subprocess};
+use vtun::link::{Connector, Link as Opener, LocalConnector, RemoteIo, Subprocess};
 use vtun::settings::Settings;
 use vtun::target::Host;
 use vtun::transfer::cp::CpOptions;

@@ -7,8 +7,10 @@ mod agent;
 pub mod bench;
 mod completions;
 pub mod cp;
+pub mod exec;
 mod gateway;
 mod proxy;
+pub mod ssh;
 mod ssh_config;
 pub mod sync;
 
@@ -32,8 +34,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Agent => agent::run(),
         Command::SshConfig(a) => ssh_config::run(g, &a),
         Command::Completions(a) => completions::run(&a),
-        Command::Ssh(a) => crate::exec::ssh(g, &a),
-        Command::Exec(a) => crate::exec::exec(g, &a),
+        Command::Ssh(a) => ssh::run(g, &a),
+        Command::Exec(a) => exec::run(g, &a),
         Command::Cp(a) => cp::run(g, &a),
         Command::Sync(a) => sync::run(g, &a),
         Command::Bench(a) => bench::run(g, &a),

@@ -1,82 +1,73 @@
-//! `vtun exec` and `vtun ssh`: one command (or a login shell) on a VM over a fresh session.
+//! The exec engine behind `vtun exec` and `vtun ssh`: one command (or a login shell) on an exec
+//! channel of a [`Link`], with typed options and the streams to use for stdio.
 //!
-//! `exec` quotes each argument for the remote shell (see [`quote`]); `ssh` joins its command with
-//! spaces, as ssh does. Both exit with the remote status, 128+N for a remote killed by signal N,
-//! 255 when the connection failed or was lost first, 130 after Ctrl-C.
+//! Exit statuses follow ssh: the remote status, 128+N for a remote killed by signal N, 255 when
+//! the connection failed or was lost first, 130 after Ctrl-C. Building the remote command line
+//! (quoting each argument for the remote shell) is [`quote`]'s job; the command layer decides
+//! which of its rules a subcommand uses.
 
 mod drive;
 pub mod quote;
+mod stdin;
 mod tty;
 
 use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::cli::{ExecArgs, GlobalArgs, SshArgs};
-use crate::settings::Settings;
-use crate::ssh::Session;
-use crate::target::Host;
-use drive::{Pty, Request, Start};
-use quote::{parse_env, CommandSpec};
+use crate::link::{ExecRequest, Link, Pty};
 
-/// `vtun exec VM -- CMD…`
-pub fn exec(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
-    let settings = crate::cmd::settings(g, &args.identity.identity)?;
-    let host = settings.host(&args.vm)?;
-    let env = args
-        .env
-        .iter()
-        .map(|s| parse_env(s))
-        .collect::<Result<Vec<_>>>()?;
-    let spec = CommandSpec {
-        argv: args.command.clone(),
-        shell_line: args.sh,
-        env,
-        cd: args.cd.clone(),
-    };
-    let raw = args.tty && tty::is_tty(libc::STDIN_FILENO);
-    let req = Request {
-        start: Start::Command(spec.render()),
-        pty: args.tty.then(Pty::from_local),
-        follow_resize: raw,
-    };
-    run(&settings, &host, req, raw)
+/// What to run and how.
+pub struct ExecOptions {
+    pub request: ExecRequest,
+    /// An interactive session at this terminal: stdin in raw mode while connected, and the
+    /// remote PTY follows local window-size changes.
+    pub raw: bool,
 }
 
-/// `vtun ssh VM [CMD…]`
-pub fn ssh(g: &GlobalArgs, args: &SshArgs) -> Result<u8> {
-    let settings = crate::cmd::settings(g, &args.identity.identity)?;
-    let host = settings.host(&args.vm)?;
-    let interactive = args.command.is_empty();
-    let stdin_tty = tty::is_tty(libc::STDIN_FILENO);
-    let want_pty = !args.no_tty && (args.tty || (interactive && stdin_tty));
-    let start = match interactive {
-        true => Start::Shell,
-        false => Start::Command(args.command.join(" ")),
-    };
-    let raw = want_pty && stdin_tty;
-    let req = Request {
-        start,
-        pty: want_pty.then(Pty::from_local),
-        follow_resize: raw,
-    };
-    run(&settings, &host, req, raw)
+/// The local ends of the remote command's streams.
+pub struct Stdio {
+    pub stdin: Box<dyn AsyncRead + Send + Unpin>,
+    pub stdout: Box<dyn AsyncWrite + Send + Unpin>,
+    pub stderr: Box<dyn AsyncWrite + Send + Unpin>,
 }
 
-fn run(settings: &Settings, host: &Host, req: Request, raw: bool) -> Result<u8> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let outcome = rt.block_on(async {
-        let session = Session::connect(settings, host).await?;
-        // Raw mode only once connected: passphrase prompts and connection errors stay readable.
-        let _raw = match raw {
-            true => Some(tty::RawMode::enable().context("cannot set the terminal to raw mode")?),
-            false => None,
-        };
-        drive::drive(&session, req).await
-    });
-    // Do not wait for anything still blocked (a stdin read on a terminal).
-    rt.shutdown_background();
-    outcome
+impl Stdio {
+    /// This process's stdin, stdout and stderr, all async (stdin through a reader thread).
+    pub fn process() -> Stdio {
+        Stdio {
+            stdin: Box::new(stdin::ThreadStdin::default()),
+            stdout: Box::new(tokio::io::stdout()),
+            stderr: Box::new(tokio::io::stderr()),
+        }
+    }
+}
+
+/// Run `opts` on `link`; the result is the exit status to leave with.
+pub async fn run(link: &dyn Link, opts: ExecOptions, io: Stdio) -> Result<u8> {
+    // Raw mode only once connected: passphrase prompts and connection errors stay readable.
+    let _raw = match opts.raw {
+        true => Some(tty::RawMode::enable().context("cannot set the terminal to raw mode")?),
+        false => None,
+    };
+    drive::drive(link, opts.request, opts.raw, io).await
+}
+
+/// Whether our stdin is a terminal.
+pub fn stdin_is_tty() -> bool {
+    tty::is_tty(libc::STDIN_FILENO)
+}
+
+/// A PTY like the local terminal: its TERM and size (xterm, 80×24 without one).
+pub fn local_pty() -> Pty {
+    let (cols, rows) = tty::size().unwrap_or((80, 24));
+    let term = std::env::var("TERM")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "xterm".into());
+    Pty {
+        term,
+        cols,
+        rows,
+        modes: Vec::new(),
+    }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::caps;
 use super::proto::{self, put_str, Attrs, Parser};
-use crate::remote::RemoteIo;
+use crate::link::RemoteIo;
 
 /// Requests are this large when the server does not announce `limits@openssh.com`.
 const DEFAULT_CHUNK: u32 = 32 * 1024;

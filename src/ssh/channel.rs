@@ -1,11 +1,12 @@
-//! Channels as byte streams for the engines: [`Session`] implements [`Opener`] (each `sftp()` or
-//! `exec()` is a new channel on the same session, usable in parallel) and [`SshConnector`]
-//! implements [`Connector`].
+//! SSH channels behind the [`Link`] seam: [`Session`] implements [`Link`] (each stream or exec
+//! channel is a new channel on the same session, usable in parallel) and [`SshConnector`]
+//! implements [`Connector`]. Byte streams live here, exec channels in `exec`.
 //!
-//! Each channel gets its own pump task that moves the channel's messages into the stream: stdout
-//! to the reader, stderr straight to our stderr, the server's refusal of the request as a read
-//! error. Requests are sent with want-reply but not awaited, so opening a stream costs one round
-//! trip (the channel open), not two.
+//! Each channel gets its own pump task that moves the channel's messages into streams: stdout to
+//! the reader, stderr to our stderr, the server's refusal of the request as a read error. Requests are sent with
+//! want-reply but not awaited, so opening a stream costs one round trip (the channel open), not
+//! two. Pumps never block a runtime worker: every write they make is async, so a stalled reader
+//! holds up only its own channel (and, through russh's queues, at worst its own session).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,30 +18,41 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, OnceCell};
 
 use super::{Session, SshError};
-use crate::remote::{Connector, Opener, RemoteIo};
+use crate::link::{Connector, ExecChannel, ExecRequest, Link, RemoteIo, Start};
 use crate::settings::Settings;
 use crate::target::Host;
 
-/// Chunks buffered between a channel's pump and its reader.
+/// Chunks buffered between a channel's pump and each of its readers.
 const READ_QUEUE: usize = 64;
 
 /// A channel's stdin/stdout as one stream; dropping it closes the channel.
 pub struct ChannelIo {
+    incoming: Incoming,
+    outgoing: Outgoing,
+}
+
+/// The read side of a channel stream: chunks from the pump. An empty chunk or the pump hanging
+/// up is EOF.
+struct Incoming {
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
     pending: Bytes,
     eof: bool,
-    writer: Pin<Box<dyn AsyncWrite + Send>>,
-    closed: Arc<Closed>,
+}
+
+/// The write side: the channel's data, guarded so a dead channel fails instead of hanging.
+pub(super) struct Outgoing {
+    pub(super) writer: Pin<Box<dyn AsyncWrite + Send>>,
+    pub(super) closed: Arc<Closed>,
 }
 
 /// Set by the pump when the channel or the whole session is gone. russh's writer would wait
 /// forever for window space that can no longer arrive, so writes check this first and a
 /// pending write is woken when it flips.
-struct Closed {
+pub(super) struct Closed {
     flag: std::sync::atomic::AtomicBool,
     waker: futures::task::AtomicWaker,
     /// The host, so the error names it.
@@ -48,7 +60,7 @@ struct Closed {
 }
 
 impl Closed {
-    fn new(host: &str) -> Closed {
+    pub(super) fn new(host: &str) -> Closed {
         Closed {
             flag: Default::default(),
             waker: Default::default(),
@@ -63,7 +75,7 @@ impl Closed {
         )
     }
 
-    fn set(&self) {
+    pub(super) fn set(&self) {
         self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
         self.waker.wake();
     }
@@ -82,11 +94,8 @@ impl ChannelIo {
         let closed = Arc::new(Closed::new(host));
         tokio::spawn(pump(rd, wr, tx, what, closed.clone()));
         ChannelIo {
-            rx,
-            pending: Bytes::new(),
-            eof: false,
-            writer,
-            closed,
+            incoming: Incoming::new(rx),
+            outgoing: Outgoing { writer, closed },
         }
     }
 }
@@ -101,6 +110,7 @@ async fn pump(
     closed: Arc<Closed>,
 ) {
     let mut ended = false;
+    let mut stderr = tokio::io::stderr();
     loop {
         let msg = tokio::select! {
             m = rd.wait() => m,
@@ -112,9 +122,9 @@ async fn pump(
                     break;
                 }
             }
+            // Async: a stalled reader of our stderr holds up this channel, never a worker.
             Some(ChannelMsg::ExtendedData { data, .. }) => {
-                use std::io::Write;
-                let _ = std::io::stderr().write_all(&data);
+                let _ = stderr.write_all(&data).await;
             }
             Some(ChannelMsg::Failure) if !ended => {
                 ended = true;
@@ -142,6 +152,7 @@ async fn pump(
             Some(_) => {}
         }
     }
+    let _ = stderr.flush().await;
     closed.set();
     if !ended {
         let _ = tx.try_send(Ok(Bytes::new()));
@@ -150,7 +161,17 @@ async fn pump(
     let _ = wr.close().await;
 }
 
-impl AsyncRead for ChannelIo {
+impl Incoming {
+    fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Incoming {
+        Incoming {
+            rx,
+            pending: Bytes::new(),
+            eof: false,
+        }
+    }
+}
+
+impl AsyncRead for Incoming {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -178,7 +199,7 @@ impl AsyncRead for ChannelIo {
     }
 }
 
-impl AsyncWrite for ChannelIo {
+impl AsyncWrite for Outgoing {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -197,6 +218,34 @@ impl AsyncWrite for ChannelIo {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let closed = self.closed.clone();
         guard(&closed, cx, |cx| self.writer.as_mut().poll_shutdown(cx))
+    }
+}
+
+impl AsyncRead for ChannelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.incoming).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ChannelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.outgoing).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_shutdown(cx)
     }
 }
 
@@ -223,7 +272,7 @@ fn guard<T>(
     }
 }
 
-impl Opener for Session {
+impl Link for Session {
     fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
         Box::pin(async move {
             let ch = self.open_channel().await?;
@@ -240,6 +289,43 @@ impl Opener for Session {
             let ch = self.open_channel().await?;
             ch.exec(true, command.as_bytes()).await.map_err(lost)?;
             let what = format!("to run {command:?}");
+            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
+            Ok(io)
+        })
+    }
+
+    fn open_exec(&self, req: ExecRequest) -> BoxFuture<'_, Result<ExecChannel>> {
+        Box::pin(async move {
+            let ch = self.open_channel().await?;
+            // Only the start asks for a reply: a refused env or pty is not fatal under ssh
+            // either, and the start's reply is the one the pump turns into a failed status.
+            for (k, v) in &req.env {
+                ch.set_env(false, k, v).await.map_err(lost)?;
+            }
+            if let Some(p) = &req.pty {
+                let modes: Vec<(russh::Pty, u32)> = p
+                    .modes
+                    .iter()
+                    .filter_map(|&(op, v)| russh::Pty::from_u8(op).map(|m| (m, v)))
+                    .collect();
+                ch.request_pty(false, &p.term, p.cols, p.rows, 0, 0, &modes)
+                    .await
+                    .map_err(lost)?;
+            }
+            match &req.start {
+                Start::Command(line) => ch.exec(true, line.as_bytes()).await,
+                Start::Shell => ch.request_shell(true).await,
+            }
+            .map_err(lost)?;
+            Ok(super::exec::channel(ch, self.name(), self.round_trip()))
+        })
+    }
+
+    fn direct_tcpip(&self, host: &str, port: u16) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        let host = host.to_string();
+        Box::pin(async move {
+            let ch = self.open_direct_tcpip(&host, port).await?;
+            let what = format!("a tcp stream to {host}:{port}");
             let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
             Ok(io)
         })
@@ -297,9 +383,9 @@ impl SshConnector {
 }
 
 impl Connector for SshConnector {
-    fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Opener>>> {
+    fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Link>>> {
         Box::pin(async move {
-            let s: Arc<dyn Opener> = self.session(host).await?;
+            let s: Arc<dyn Link> = self.session(host).await?;
             Ok(s)
         })
     }

@@ -3,8 +3,9 @@
 //!
 //! One [`Session`] is one TLS connection carrying one SSH transport; it is cheap to share
 //! (`Arc<Session>`) and opens any number of channels concurrently, which is how `cp` and `sync`
-//! get past OpenSSH's fixed per-channel window. [`SshConnector`] is the production
-//! [`crate::remote::Connector`].
+//! get past OpenSSH's fixed per-channel window. A session is a [`crate::link::Link`] (byte
+//! streams in `channel`, exec channels in `exec`) and [`SshConnector`] is the production
+//! [`crate::link::Connector`].
 //!
 //! Round trips from TCP connect to the first output byte of `vtun exec VM true`: 9, read off a
 //! `RUST_LOG=russh=debug` trace on the test bed at 20 ms RTT. TCP 1; TLS 1.3 1; SSH version and
@@ -16,6 +17,7 @@
 
 mod auth;
 mod channel;
+mod exec;
 mod hostkey;
 mod keyfile;
 mod retry;

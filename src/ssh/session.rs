@@ -39,7 +39,8 @@ const KEEPALIVE_MAX: usize = 6;
 
 /// An authenticated SSH session to one host. Share it with `Arc`; channels open concurrently.
 pub struct Session {
-    handle: Handle<Client>,
+    /// Shared with exec channels' pumps, which ping through it (see [`Session::round_trip`]).
+    handle: Arc<Handle<Client>>,
     name: String,
 }
 
@@ -68,6 +69,30 @@ impl Session {
                 .into(),
                 e => SshError::ConnectionLost(format!("cannot open a channel: {e}")).into(),
             })
+    }
+
+    /// A direct-tcpip channel to `host:port` as seen from the server (one round trip).
+    pub async fn open_direct_tcpip(&self, host: &str, port: u16) -> Result<Channel<Msg>> {
+        self.handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+            .await
+            .map_err(|e| match e {
+                russh::Error::ChannelOpenFailure(why) => SshError::Protocol(format!(
+                    "{} refused a tcp stream to {host}:{port} ({why:?})",
+                    self.name
+                ))
+                .into(),
+                e => SshError::ConnectionLost(format!("cannot open a channel: {e}")).into(),
+            })
+    }
+
+    /// Resolves once the server has answered a ping sent when it is first polled, so everything
+    /// queued on the session before that has reached the server (or the session is gone).
+    pub fn round_trip(&self) -> futures::future::BoxFuture<'static, ()> {
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let _ = handle.send_ping().await;
+        })
     }
 
     /// The host's full name (`a.vm.vers.sh`).
@@ -184,7 +209,7 @@ async fn attempt(
         return Attempt::Failed(e, false);
     }
     Attempt::Done(Session {
-        handle,
+        handle: Arc::new(handle),
         name: host.name.clone(),
     })
 }

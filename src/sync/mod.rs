@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::remote::Connector;
+use crate::link::Connector;
 use crate::settings::Settings;
 use crate::target::Location;
 use endpoint::Endpoint;
@@ -180,7 +180,7 @@ async fn open(
         Location::Local(_) => return Ok(Box::new(local::LocalEndpoint::new(root))),
         Location::Remote { host, .. } => host,
     };
-    let opener: Arc<dyn crate::remote::Opener> = connector.connect(host).await?;
+    let opener: Arc<dyn crate::link::Link> = connector.connect(host).await?;
     if !no_agent {
         match remote::AgentEndpoint::start(&opener, &root).await {
             Ok(ep) => return Ok(Box::new(ep)),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
 use super::protocol::{expect_msg, hello, write_msg, Msg, MAGIC, PROTO};
 use super::tree::{ListOpts, Listing, RelPath};
-use crate::remote::{Opener, RemoteIo};
+use crate::link::{Link as Opener, RemoteIo};
 
 const NO_AGENT: &[u8] = b"\nVTUN-NO-AGENT ";
 /// How much shell noise we read before giving up on finding the agent.

@@ -25,7 +25,7 @@ use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::pattern::Excludes;
 use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
 use crate::fs::{temp, Kind, Meta};
-use crate::remote::Opener;
+use crate::link::Link as Opener;
 use crate::transfer::fs::{Fs, Reader, Writer};
 use crate::transfer::RemoteFs;
 

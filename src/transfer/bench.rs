@@ -15,8 +15,8 @@ use rand::RngCore;
 use super::engine::{Engine, Options};
 use super::fs::{Fs, RemoteFs};
 use crate::fs::Kind;
+use crate::link::{Connector, Link as Opener};
 use crate::progress::Progress;
-use crate::remote::{Connector, Opener};
 use crate::settings::Settings;
 
 /// Parse `256M`, `1G`, `512K`, `1000` (binary multiples).

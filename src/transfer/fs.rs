@@ -20,7 +20,7 @@ use tokio::sync::OnceCell;
 use super::handle::attrs_for;
 pub use super::handle::{Reader, Writer};
 use crate::fs::{io_text, temp, Dir, FileTime, Kind, LocalReader, LocalWriter, Meta, Root};
-use crate::remote::Opener;
+use crate::link::Link as Opener;
 use crate::sftp::proto::{self, Attrs};
 use crate::sftp::{self, Sftp};
 
