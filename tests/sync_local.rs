@@ -492,7 +492,7 @@ fn cut_connection_leaves_no_truncated_file_and_rerun_completes() {
 #[test]
 fn crafted_listing_with_dotdot_is_refused() {
     use vtun::sync::protocol::{hello, Msg};
-    use vtun::sync::tree::{Entry, Kind, Listing, RelPath};
+    use vtun::sync::tree::{Entry, Kind, RelPath};
     init();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -511,12 +511,7 @@ fn crafted_listing_with_dotdot_is_refused() {
                 mtime: vtun::fs::FileTime::default(),
                 hash: None,
             };
-            let (tag, mut body) = Msg::Listing(Listing {
-                root_exists: true,
-                entries: vec![entry],
-                mtime_seconds: false,
-            })
-            .encode();
+            let (tag, mut body) = Msg::ListingPart(vec![entry]).encode();
             let at = body.windows(2).position(|w| w == b"ab").unwrap();
             body[at..at + 2].copy_from_slice(b"..");
             loop {
@@ -769,4 +764,87 @@ fn host_that_cannot_run_the_agent_falls_back_to_sftp() {
     assert!(!home.join(".cache").exists(), "nothing uploaded");
     let again = sync_with(&conn, &["-i", &slash(&src), &remote(&dst)]).unwrap();
     assert_eq!(again, Vec::<String>::new());
+}
+
+/// A frame as a peer writes it: length, tag, body.
+fn raw_frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32 + 1).to_le_bytes().to_vec();
+    f.push(tag);
+    f.extend_from_slice(body);
+    f
+}
+
+#[test]
+fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vtun::sync::protocol::{hello, Msg};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().to_str().unwrap().to_string();
+    // Send (4) with four billion requests in 9 bytes; Apply (7) declaring 512 MiB of ops.
+    let mut send = u32::MAX.to_le_bytes().to_vec();
+    send.extend_from_slice(&[0; 9]);
+    let huge_apply = {
+        let mut f = (512u32 << 20).to_le_bytes().to_vec();
+        f.push(7);
+        f
+    };
+    for (attack, want) in [
+        (raw_frame(4, &send), "exceeds message size"),
+        (huge_apply, "exceeds its limit"),
+    ] {
+        let root = root.clone();
+        let err = rt.block_on(async move {
+            let (ours, theirs) = tokio::io::duplex(1 << 16);
+            let (tr, tw) = tokio::io::split(theirs);
+            let agent = tokio::spawn(vtun::sync::agent::serve(tr, tw));
+            let (mut r, mut w) = tokio::io::split(ours);
+            let mut h = [0u8; 16];
+            r.read_exact(&mut h).await.unwrap();
+            assert_eq!(h, hello());
+            w.write_all(&hello()).await.unwrap();
+            let (tag, body) = Msg::Root(root).encode();
+            w.write_all(&raw_frame(tag, &body)).await.unwrap();
+            w.write_all(&attack).await.unwrap();
+            w.flush().await.unwrap();
+            agent.await.unwrap().unwrap_err()
+        });
+        assert!(format!("{err:#}").contains(want), "{err:#}");
+    }
+}
+
+#[test]
+fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
+    use vtun::sync::endpoint::Endpoint;
+    use vtun::sync::protocol::{hello, Msg};
+    use vtun::sync::tree::RelPath;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            theirs.write_all(&hello()).await.unwrap();
+            let mut h = [0u8; 16];
+            theirs.read_exact(&mut h).await.unwrap();
+            while let Ok(Some((m, _))) = vtun::sync::protocol::read_msg(&mut theirs).await {
+                if let Msg::Signatures(_) = m {
+                    // Sigs claiming four billion entries, in five bytes.
+                    let mut body = u32::MAX.to_le_bytes().to_vec();
+                    body.push(0);
+                    theirs.write_all(&raw_frame(102, &body)).await.unwrap();
+                }
+            }
+        });
+        let mut ep = vtun::sync::remote::AgentEndpoint::over(Box::new(ours), "/tmp")
+            .await
+            .unwrap();
+        let err = ep
+            .signatures(vec![RelPath::parse("f").unwrap()])
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exceeds message size"),
+            "{err:#}"
+        );
+    });
 }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Piece};
 use super::local::LocalEndpoint;
-use super::protocol::{hello, read_msg, write_msg, Msg, PROTO};
+use super::protocol::{hello, read_msg, write_listing, write_msg, Msg, MAX_SIG, PROTO};
 
 /// The line `VTUN_AGENT_PROBE=1 vtun agent` prints.
 pub fn probe_line() -> String {
@@ -59,8 +59,15 @@ where
             bail!("request before the root was set");
         };
         let reply = match msg {
-            Msg::List(opts) => ep.list(opts).await.map(Msg::Listing),
-            Msg::Signatures(paths) => ep.signatures(paths).await.map(Msg::Sigs),
+            Msg::List(opts) => match ep.list(opts).await {
+                Ok(l) => {
+                    write_listing(&mut w, &l.entries, l.root_exists).await?;
+                    w.flush().await?;
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
+            Msg::Signatures(paths) => ep.signatures(paths).await.map(|s| Msg::Sigs(within(s))),
             Msg::Apply(ops) => ep.apply(ops).await.map(Msg::Applied),
             Msg::Send(reqs) => {
                 let (tx, rx) = mpsc::channel(16);
@@ -76,11 +83,35 @@ where
             }
             other => bail!("unexpected request {other:?}"),
         };
-        let reply = reply.unwrap_or_else(|e| Msg::Error(format!("{e:#}")));
+        let reply = reply.unwrap_or_else(|e| Msg::Error(error_text(&e)));
         write_msg(&mut w, &reply).await?;
         w.flush().await?;
     }
     Ok(())
+}
+
+/// Signatures that fit one reply: beyond [`MAX_SIG`] bytes in all, the rest become `None`, so
+/// those files are sent whole rather than the reply being too big to send.
+fn within(sigs: Vec<Option<Vec<u8>>>) -> Vec<Option<Vec<u8>>> {
+    let mut left = MAX_SIG;
+    sigs.into_iter()
+        .map(|s| match s {
+            Some(s) if s.len() <= left => {
+                left -= s.len();
+                Some(s)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// An error for the client: one line, cut to a length any reply has room for.
+fn error_text(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}").replace('\n', " ");
+    match s.char_indices().nth(4000) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
 }
 
 /// Write the pieces a local send produces to the client. Owning `rx` matters: if the client is

@@ -20,6 +20,10 @@ use super::{OP_COPY, OP_LITERAL, VERSION};
 const RUN_MAX: u64 = 8 << 20;
 /// Size at which a piece is handed on, and the longest literal op.
 const PIECE: usize = 256 << 10;
+/// No piece is bigger than this: a piece is handed on as soon as it reaches [`PIECE`], and the
+/// most one op can add to an almost full piece is a copy op (17 bytes); the first piece also
+/// holds the header.
+pub const MAX_PIECE: usize = PIECE + 64;
 /// Candidates with the right weak sum checked per position: more only happens when many blocks
 /// share a weak sum but not their content, which takes a crafted signature.
 const MAX_CANDIDATES: usize = 8;
@@ -199,6 +203,9 @@ impl Out<'_> {
         if self.run.is_some_and(|(_, l)| l >= RUN_MAX) {
             self.end_run();
             self.flush()?;
+        } else if self.buf.len() >= PIECE {
+            // Blocks matched out of order: each is an op, and they add up.
+            self.flush()?;
         }
         Ok(())
     }
@@ -217,7 +224,11 @@ impl Out<'_> {
         }
         self.end_run();
         while !bytes.is_empty() {
-            let n = bytes.len().min(PIECE);
+            if self.buf.len() + 5 >= PIECE {
+                self.flush()?;
+            }
+            // Only what fits the piece, so no piece grows past PIECE (plus a copy op).
+            let n = bytes.len().min(PIECE - 5 - self.buf.len().min(PIECE - 5));
             self.buf.push(OP_LITERAL);
             self.buf.extend_from_slice(&(n as u32).to_le_bytes());
             self.buf.extend_from_slice(&bytes[..n]);

@@ -26,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use anyhow::{Context, Result};
 
 pub use apply::ApplyError;
-pub use diff::diff;
+pub use diff::{diff, MAX_PIECE};
 pub use rebuild::Rebuild;
 pub use signature::{block_size, signature, Signature};
 
