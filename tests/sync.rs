@@ -296,3 +296,74 @@ fn mtimes_past_2262_round_trip() {
     again.assert_ok();
     assert_eq!(again.stdout_str(), "", "a re-run changes nothing");
 }
+
+/// A source file deleted after the listing and before it is sent: one line on stderr names it,
+/// every other file arrives intact, and the exit status is 24 (rsync's "some source files
+/// vanished"). Deterministic: with `-i` the client writes the whole plan to stdout before it
+/// sends anything, and with far more lines than a pipe holds it waits there, listing done,
+/// until the test has deleted the file and reads on.
+#[test]
+fn file_vanishing_between_listing_and_send_exits_24_and_the_rest_arrive() {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    let long = "n".repeat(150);
+    for i in 0..4000 {
+        let p = src.join(format!("d{}/{long}-{i}", i % 10));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("file {i}\n")).unwrap();
+    }
+    std::fs::write(src.join("gone.txt"), random_bytes(1 << 20, 3)).unwrap();
+    let dst = bed.dir("dst");
+    let mut child = bed
+        .vtun()
+        .args(["sync", "-i", &slash(&src), &format!("a:{}", slash(&dst))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut so = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut se = child.stderr.take().unwrap();
+    let errs = std::thread::spawn(move || {
+        let mut s = String::new();
+        se.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut first = String::new();
+    so.read_line(&mut first).unwrap();
+    assert!(
+        first.starts_with(">f+++++++++") || first.starts_with("cd+++++++++"),
+        "{first}"
+    );
+    std::fs::remove_file(src.join("gone.txt")).unwrap();
+    let rest = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        so.read_to_end(&mut v).unwrap();
+        v
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sync did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = String::from_utf8(rest.join().unwrap()).unwrap();
+    let stderr = errs.join().unwrap();
+    assert!(out.contains(">f+++++++++ gone.txt"), "it was in the plan");
+    assert_eq!(status.code(), Some(24), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("gone.txt")).collect();
+    assert_eq!(
+        lines,
+        ["vtun: sync: gone.txt: vanished"],
+        "stderr: {stderr}"
+    );
+    assert!(!dst.join("gone.txt").exists());
+    assert_eq!(digest(&dst), digest(&src));
+}

@@ -848,3 +848,65 @@ fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
         );
     });
 }
+
+/// A file truncated by another process while it is being sent, whole or as a delta: the
+/// sender (which used to map it, and die of SIGBUS) abandons it with a `Skip` saying it
+/// changed, after its `Start`, so the receiver drops what it has of it.
+#[test]
+fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
+    use vtun::sync::endpoint::{Endpoint, Piece, SendReq};
+    use vtun::sync::local::LocalEndpoint;
+    use vtun::sync::tree::RelPath;
+    let t = tempfile::tempdir().unwrap();
+    // Random past its first MiB, so a delta against that MiB is literals, sent as it is read.
+    let mut x = 88172645463325252u64;
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let old = t.path().join("old");
+    write(&old, &data[..1 << 20]);
+    let sig = vtun::sync::delta::signature(&std::fs::File::open(&old).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for signature in [None, Some(sig)] {
+        let path = t.path().join("f");
+        write(&path, &data);
+        let mut ep = LocalEndpoint::new(t.path());
+        let req = SendReq {
+            path: RelPath::parse("f").unwrap(),
+            signature: signature.clone(),
+        };
+        let pieces = rt.block_on(async {
+            // One piece in flight: the sender is at most a piece or two ahead of us.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let send = tokio::spawn(async move { ep.send(vec![req], tx).await });
+            let mut got = Vec::new();
+            while let Some(p) = rx.recv().await {
+                if matches!(p, Piece::Data(_)) && got.len() == 1 {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .unwrap()
+                        .set_len(1000)
+                        .unwrap();
+                }
+                got.push(p);
+            }
+            send.await.unwrap().unwrap();
+            got
+        });
+        let delta = signature.is_some();
+        assert!(matches!(pieces[0], Piece::Start { .. }), "delta {delta}");
+        match pieces.last() {
+            Some(Piece::Skip { path, reason }) => {
+                assert_eq!(path.as_str(), "f");
+                assert_eq!(reason, "changed while being read", "delta {delta}");
+            }
+            other => panic!("delta {delta}: ended with {other:?}"),
+        }
+    }
+}

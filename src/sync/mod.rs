@@ -38,13 +38,33 @@ use engine::{EngineOpts, Summary};
 use tree::RelPath;
 
 /// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to stdout.
+/// A partial run (see [`Partial`]) exits with its own status, as rsync's 23 and 24.
 pub async fn sync(settings: &Settings, args: &SyncArgs, connector: &dyn Connector) -> Result<u8> {
     let mut stdout = std::io::stdout();
-    run_sync(settings, args, connector, &mut stdout).await?;
-    Ok(0)
+    match run_sync(settings, args, connector, &mut stdout).await {
+        Ok(_) => Ok(0),
+        Err(e) => match e.downcast_ref::<Partial>() {
+            Some(p) => {
+                eprintln!("vtun: {p}");
+                Ok(p.code)
+            }
+            None => Err(e),
+        },
+    }
 }
 
-/// [`sync`] writing to `out`; errors when any entry could not be synced (after syncing the rest).
+/// A run that synced everything it could, but not everything: each failed entry has had its
+/// line on stderr. `code` is [`engine::EXIT_PARTIAL`] (23), or [`engine::EXIT_VANISHED`] (24)
+/// when the only failures were source files that vanished before they could be sent.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} entries could not be synced (partial sync, exit status {code})")]
+pub struct Partial {
+    pub failed: usize,
+    pub code: u8,
+}
+
+/// [`sync`] writing to `out`; a [`Partial`] error when any entry could not be synced (after
+/// syncing the rest).
 pub async fn run_sync(
     settings: &Settings,
     args: &SyncArgs,
@@ -111,7 +131,11 @@ pub async fn run_sync(
         for (path, why) in &summary.failed {
             eprintln!("vtun: sync: {path}: {why}");
         }
-        bail!("{} entries could not be synced", summary.failed.len());
+        return Err(Partial {
+            failed: summary.failed.len(),
+            code: summary.exit_code(),
+        }
+        .into());
     }
     Ok(summary)
 }
