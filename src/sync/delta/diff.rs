@@ -9,7 +9,6 @@
 //! new file's BLAKE3, mostly from values it computed anyway (see `filehash`).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use anyhow::{bail, Context, Result};
 use blake3::hazmat::ChainingValue;
@@ -18,6 +17,7 @@ use super::filehash::{chaining_value, FileHash};
 use super::signature::{strong, Index, Signature};
 use super::weak::Rolling;
 use super::{OP_COPY, OP_LITERAL, VERSION};
+use crate::transfer::handle::read_chunk_at;
 
 /// Longest copy run: a piece goes out at least this often while the file is unchanged.
 const RUN_MAX: u64 = 8 << 20;
@@ -88,24 +88,27 @@ pub(super) fn walk(
 
 /// Where the new file's bytes come from.
 pub(super) trait Source {
-    /// Fill `buf` with the bytes at `offset`.
-    fn fill(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Append the `len` bytes at `offset` to `buf`.
+    fn append(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> Result<()>;
 }
 
 impl Source for &[u8] {
-    fn fill(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn append(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> Result<()> {
         let at = offset as usize;
-        buf.copy_from_slice(&self[at..at + buf.len()]);
+        buf.extend_from_slice(&self[at..at + len]);
         Ok(())
     }
 }
 
 impl Source for File {
-    fn fill(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match self.read_exact_at(buf, offset) {
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => bail!(CHANGED),
-            r => r.context("cannot read the file"),
+    fn append(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> Result<()> {
+        // Into fresh capacity, then one copy: zero-filling the window first would cost more.
+        let chunk = read_chunk_at(self, offset, len).context("cannot read the file")?;
+        if chunk.len() < len {
+            bail!(CHANGED);
         }
+        buf.extend_from_slice(&chunk);
+        Ok(())
     }
 }
 
@@ -139,10 +142,8 @@ impl Window<'_> {
         self.buf.drain(..keep - self.base);
         self.base = keep;
         let want = (keep + self.size).max(to).min(self.len);
-        let have = self.buf.len();
-        self.buf.resize(want - self.base, 0);
-        self.src
-            .fill(&mut self.buf[have..], (self.base + have) as u64)
+        let end = self.end();
+        self.src.append(&mut self.buf, end as u64, want - end)
     }
 
     #[inline]
