@@ -367,3 +367,56 @@ fn file_vanishing_between_listing_and_send_exits_24_and_the_rest_arrive() {
     assert!(!dst.join("gone.txt").exists());
     assert_eq!(digest(&dst), digest(&src));
 }
+
+/// A large source file that another process keeps truncating and extending while it is sent
+/// as a delta from the VM: the agent reads it with pread, so it cannot die of SIGBUS as a
+/// reader of a map of it can, and it abandons that one file with one line, the other files arrive
+/// intact, and the run exits 23 (partial). The file never drops below 32 MiB and changes size
+/// every few dozen microseconds, so every read of it overlaps a change.
+#[test]
+fn file_truncated_while_synced_fails_alone_with_23_not_sigbus() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    fixture(&src);
+    let big = src.join("big");
+    std::fs::write(&big, random_bytes(64 << 20, 5)).unwrap();
+    let dst = bed.dir("dst");
+    // An old copy at the destination, so the file goes as a delta (read by the sender's walk).
+    std::fs::write(dst.join("big"), random_bytes(64 << 20, 6)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Each size held for a while (repeated calls, not a sleep), so a reader that
+                // mapped the file at 64 MiB does touch pages past the end.
+                for len in [32 << 20, 64 << 20] {
+                    for _ in 0..20 {
+                        f.set_len(len).unwrap();
+                    }
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let out = sync(&bed, &[&format!("a:{}", slash(&src)), &slash(&dst)]);
+    stop.store(true, Ordering::Relaxed);
+    assert!(churn.join().unwrap() > 0);
+    assert_eq!(out.status.code(), Some(23), "stderr: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| l.contains("big")).collect();
+    assert_eq!(
+        lines,
+        ["vtun: sync: big: changed while being read"],
+        "stderr: {}",
+        out.stderr
+    );
+    let (mut want, mut got) = (digest(&src), digest(&dst));
+    want.remove("big");
+    got.remove("big");
+    assert_eq!(got, want);
+}

@@ -910,3 +910,29 @@ fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
         }
     }
 }
+
+/// More requests than one frame carries (`REQUEST_ITEMS`): 5,000 files sent by the agent
+/// (their `Send` requests in two frames) and 5,000 mode changes applied by it (`Apply` in two
+/// pipelined frames) arrive complete and in order.
+#[test]
+fn requests_split_over_frames_arrive_complete() {
+    const { assert!(vtun::sync::protocol::REQUEST_ITEMS < 5000) };
+    let t = tempfile::tempdir().unwrap();
+    let (src, back, there) = (t.path().join("s"), t.path().join("b"), t.path().join("t"));
+    for i in 0..5000 {
+        write(
+            &src.join(format!("d{}/f{i}", i % 7)),
+            format!("{i}").as_bytes(),
+        );
+    }
+    sync(&[&format!("vm:{}/", src.display()), &slash(&back)]);
+    assert_eq!(digest(&back), digest(&src));
+    sync(&[&slash(&src), &remote(&there)]);
+    for i in 0..5000 {
+        let p = src.join(format!("d{}/f{i}", i % 7));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let lines = sync(&["-i", &slash(&src), &remote(&there)]);
+    assert_eq!(lines.len(), 5000, "one mode change per file");
+    assert_eq!(digest(&there), digest(&src));
+}
