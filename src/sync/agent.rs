@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
-use super::endpoint::{Endpoint, Piece};
+use super::endpoint::{Endpoint, Piece, RecvReport};
 use super::local::LocalEndpoint;
 use super::protocol::{hello, read_msg, write_listing, write_msg, Msg, MAX_SIG, PROTO};
+use super::tree::RelPath;
 
 /// The line `VTUN_AGENT_PROBE=1 vtun agent` prints.
 pub fn probe_line() -> String {
@@ -79,7 +80,7 @@ where
                 let (tx, rx) = mpsc::channel(16);
                 let (report, fed) = tokio::join!(ep.receive(rx), feed(&mut r, tx));
                 fed?;
-                report.map(Msg::RecvDone)
+                report.map(|r| Msg::RecvDone(fit(r)))
             }
             other => bail!("unexpected request {other:?}"),
         };
@@ -103,6 +104,42 @@ fn within(sigs: Vec<Option<Vec<u8>>>) -> Vec<Option<Vec<u8>>> {
             _ => None,
         })
         .collect()
+}
+
+/// A receive report that fits its reply however many files failed: deltas past what the reply
+/// has room for are reported as failed (not retried), and failures past that are summed up in
+/// one entry. Either way the run is reported partial.
+fn fit(mut r: RecvReport) -> RecvReport {
+    const ROOM: usize = 12 << 20;
+    let size = |p: &RelPath| p.as_str().len() + 8;
+    let mut used = 0;
+    let keep = r
+        .mismatched
+        .iter()
+        .take_while(|p| {
+            used += size(p);
+            used <= ROOM
+        })
+        .count();
+    for p in r.mismatched.split_off(keep) {
+        r.failed
+            .push((p, "its delta did not apply; sync again".into()));
+    }
+    let keep = r
+        .failed
+        .iter()
+        .take_while(|(p, m)| {
+            used += size(p) + m.len() + 8;
+            used <= 2 * ROOM
+        })
+        .count();
+    let more = r.failed.len() - keep;
+    if more > 0 {
+        r.failed.truncate(keep);
+        let why = format!("and {more} more files could not be written");
+        r.failed.push((RelPath::root(), why));
+    }
+    r
 }
 
 /// An error for the client: one line, cut to a length any reply has room for.
@@ -139,5 +176,39 @@ async fn feed<R: AsyncRead + Unpin>(r: &mut R, tx: mpsc::Sender<Piece>) -> Resul
             Msg::RecvEnd => return Ok(()),
             other => bail!("unexpected {other:?} during transfer"),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// However many files failed, the report the agent sends fits a `RecvDone` frame.
+    #[tokio::test]
+    async fn a_huge_receive_report_still_fits_its_frame() {
+        let p = |i: usize| RelPath::parse(&format!("{}/{i}", "d".repeat(200))).unwrap();
+        let r = RecvReport {
+            files: 1,
+            bytes: 2,
+            mismatched: (0..100_000).map(p).collect(),
+            failed: (0..200_000).map(|i| (p(i), "x".repeat(100))).collect(),
+        };
+        let r = fit(r);
+        let n = write_msg(&mut Vec::new(), &Msg::RecvDone(r.clone()))
+            .await
+            .unwrap();
+        assert!(n < 32 << 20, "{n}");
+        assert!(r.mismatched.len() < 100_000);
+        let last = &r.failed.last().unwrap().1;
+        assert!(last.contains("more files could not be written"), "{last}");
+        // A small report is untouched.
+        let small = RecvReport {
+            files: 1,
+            bytes: 2,
+            mismatched: vec![p(1)],
+            failed: vec![(p(2), "no".into())],
+        };
+        assert_eq!(fit(small.clone()), small);
     }
 }
