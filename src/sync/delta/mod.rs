@@ -300,6 +300,28 @@ mod tests {
     }
 
     #[test]
+    fn a_file_diffs_as_its_bytes_do() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("f");
+        let old = Rng(8).bytes(16 << 20);
+        let mut new = old.clone();
+        new[8 << 20..(8 << 20) + 8].copy_from_slice(b"CHANGED!");
+        std::fs::write(&path, &new).unwrap();
+        let s = sig(&old);
+        let (want, _) = delta(&s, &new).unwrap();
+        let sig = Signature::parse(&s).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let mut got = Vec::new();
+        diff_file(&sig, &f, new.len() as u64, &mut |p| {
+            got.extend_from_slice(&p);
+            Ok(())
+        })
+        .unwrap();
+        assert!(got.len() < 20_000, "{} bytes", got.len());
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn pieces_never_exceed_max_piece() {
         // Blocks matched out of order (each its own copy op) and long literals.
         let mut rng = Rng(21);
