@@ -4,6 +4,10 @@
 //! does exactly what the in-process local endpoint does, so both directions behave alike. With
 //! `VTUN_AGENT_PROBE=1` in its environment it only prints its protocol version and exits, which
 //! is how discovery checks that a `vtun` found on the remote PATH speaks our protocol.
+//!
+//! Every reply is kept within its message kind's limit whatever the tree: a listing goes out
+//! in parts, signatures beyond `MAX_SIG` in all are left out (those files go whole), and a
+//! receive report with more failures than its frame holds is summed up.
 
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};

@@ -6,6 +6,10 @@
 //! `vtun agent`), `remote` (finding or uploading the agent and talking to it), `engine` (runs a
 //! plan between two endpoints).
 //!
+//! A run that syncs all it can but not everything fails with [`Partial`], which `vtun sync`
+//! turns into rsync's exit status: 23 when some entries failed, 24 when the only failures were
+//! source files that vanished before they could be sent.
+//!
 //! Environment variables, all testing and debugging aids: `VTUN_AGENT_PATH` (client side) names
 //! an agent executable the remote discovery script tries first; `VTUN_AGENT_BINARY` (client side)
 //! is the file uploaded when the remote has no agent (default: this executable);

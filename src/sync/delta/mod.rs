@@ -9,6 +9,10 @@
 //! ctime), so one applied to a file that has changed since is refused; the engine then resends
 //! the file whole.
 //!
+//! Files are read with `pread` in windows of a few MiB, never mapped: a mapped file that
+//! another process truncates kills the reader with SIGBUS, while a short read is just an error
+//! ([`CHANGED`]) that costs that one file.
+//!
 //! Delta layout (integers little-endian): version `u8`, basis [`Token`], then ops: [`OP_COPY`]
 //! (basis offset `u64`, length `u64`) or [`OP_LITERAL`] (length `u32`, the bytes). The
 //! signature's layout is in `signature`.
