@@ -188,6 +188,14 @@ async fn feed<R: AsyncRead + Unpin>(r: &mut R, tx: mpsc::Sender<Piece>) -> Resul
 mod tests {
     use super::*;
 
+    /// Signatures past `MAX_SIG` in all are left out (those files go whole), in order.
+    #[test]
+    fn signatures_beyond_the_reply_budget_become_none() {
+        let big = Some(vec![0u8; MAX_SIG / 2 + 1]);
+        let got = within(vec![big.clone(), None, big.clone(), Some(vec![1; 10])]);
+        assert_eq!(got, vec![big, None, None, Some(vec![1; 10])]);
+    }
+
     /// However many files failed, the report the agent sends fits a `RecvDone` frame.
     #[tokio::test]
     async fn a_huge_receive_report_still_fits_its_frame() {
