@@ -290,7 +290,10 @@ pub struct CpArgs {
     vtun sync ./app/ infra:/srv/app/                          contents of ./app into /srv/app\n  \
     vtun sync --delete --exclude .git --exclude node_modules ./ vm:/srv/app/\n  \
     vtun sync -n -i ./site/ web:/var/www/                    show what would change\n  \
-    vtun sync vm1:/data/ vm2:/data/                           VM to VM")]
+    vtun sync vm1:/data/ vm2:/data/                           VM to VM\n\n\
+    Exit status (as rsync's): 0 all synced; 23 some entries failed, each named on stderr, the\n\
+    rest synced (a file that changed while being read is one); 24 the only failures were source\n\
+    files that vanished before they could be sent; 255 the connection failed.")]
 pub struct SyncArgs {
     /// Private key file to authenticate with (repeatable; `-i` means --itemize here).
     #[arg(

@@ -479,3 +479,125 @@ fn leftover_temps_are_removed_only_when_stale() {
         "only the old one goes"
     );
 }
+
+/// A source file deleted after the listing and before it is sent: one line on stderr names it,
+/// every other file arrives intact, and the exit status is 24 (rsync's "some source files
+/// vanished"). Deterministic: with `-i` the client writes the whole plan to stdout before it
+/// sends anything, and with far more lines than a pipe holds it waits there, listing done,
+/// until the test has deleted the file and reads on.
+#[test]
+fn file_vanishing_between_listing_and_send_exits_24_and_the_rest_arrive() {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    let long = "n".repeat(150);
+    for i in 0..4000 {
+        let p = src.join(format!("d{}/{long}-{i}", i % 10));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, format!("file {i}\n")).unwrap();
+    }
+    std::fs::write(src.join("gone.txt"), random_bytes(1 << 20, 3)).unwrap();
+    let dst = bed.dir("dst");
+    let mut child = bed
+        .vtun()
+        .args(["sync", "-i", &slash(&src), &format!("a:{}", slash(&dst))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut so = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut se = child.stderr.take().unwrap();
+    let errs = std::thread::spawn(move || {
+        let mut s = String::new();
+        se.read_to_string(&mut s).unwrap();
+        s
+    });
+    // Any line: the plan exists, so both listings are done.
+    let mut first = String::new();
+    so.read_line(&mut first).unwrap();
+    assert!(first.ends_with('\n'), "no plan: {first:?}");
+    std::fs::remove_file(src.join("gone.txt")).unwrap();
+    let rest = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        so.read_to_end(&mut v).unwrap();
+        v
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sync did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = String::from_utf8(rest.join().unwrap()).unwrap();
+    let stderr = errs.join().unwrap();
+    assert!(out.contains(">f+++++++++ gone.txt"), "it was in the plan");
+    assert_eq!(status.code(), Some(24), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("gone.txt")).collect();
+    assert_eq!(
+        lines,
+        ["vtun: sync: gone.txt: vanished"],
+        "stderr: {stderr}"
+    );
+    assert!(!dst.join("gone.txt").exists());
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+/// A large source file that another process keeps truncating and extending while it is sent
+/// as a delta from the VM: the agent reads it with pread, so it cannot die of SIGBUS as a
+/// reader of a map of it can, and it abandons that one file with one line, the other files arrive
+/// intact, and the run exits 23 (partial). The file never drops below 32 MiB and changes size
+/// every few dozen microseconds, so every read of it overlaps a change.
+#[test]
+fn file_truncated_while_synced_fails_alone_with_23_not_sigbus() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    fixture(&src);
+    let big = src.join("big");
+    std::fs::write(&big, random_bytes(64 << 20, 5)).unwrap();
+    let dst = bed.dir("dst");
+    // An old copy at the destination, so the file goes as a delta (read by the sender's walk).
+    std::fs::write(dst.join("big"), random_bytes(64 << 20, 6)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Each size held for a while (repeated calls, not a sleep), so a reader that
+                // mapped the file at 64 MiB does touch pages past the end.
+                for len in [32 << 20, 64 << 20] {
+                    for _ in 0..20 {
+                        f.set_len(len).unwrap();
+                    }
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let out = sync(&bed, &[&format!("a:{}", slash(&src)), &slash(&dst)]);
+    stop.store(true, Ordering::Relaxed);
+    assert!(churn.join().unwrap() > 0);
+    assert_eq!(out.status.code(), Some(23), "stderr: {}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| l.contains("big")).collect();
+    assert_eq!(
+        lines,
+        ["vtun: sync: big: changed while being read"],
+        "stderr: {}",
+        out.stderr
+    );
+    let (mut want, mut got) = (digest(&src), digest(&dst));
+    want.remove("big");
+    got.remove("big");
+    assert_eq!(got, want);
+}

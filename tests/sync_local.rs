@@ -526,7 +526,7 @@ fn crafted_listing_with_dotdot_is_refused() {
         return;
     }
     use vtun::sync::protocol::{hello, Msg};
-    use vtun::sync::tree::{Entry, EntryKind, Listing, RelPath};
+    use vtun::sync::tree::{Entry, EntryKind, RelPath};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
@@ -544,12 +544,7 @@ fn crafted_listing_with_dotdot_is_refused() {
                 mtime: vtun::fs::FileTime::default(),
                 hash: None,
             };
-            let (tag, mut body) = Msg::Listing(Listing {
-                root_exists: true,
-                entries: vec![entry],
-                mtime_seconds: false,
-            })
-            .encode();
+            let (tag, mut body) = Msg::ListingPart(vec![entry]).encode();
             let at = body.windows(2).position(|w| w == b"ab").unwrap();
             body[at..at + 2].copy_from_slice(b"..");
             loop {
@@ -826,4 +821,175 @@ fn host_that_cannot_run_the_agent_falls_back_to_sftp() {
     assert!(!home.join(".cache").exists(), "nothing uploaded");
     let again = sync_with(&conn, &["-i", &slash(&src), &remote(&dst)]).unwrap();
     assert_eq!(again, Vec::<String>::new());
+}
+
+/// A frame as a peer writes it: length, tag, body.
+fn raw_frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32 + 1).to_le_bytes().to_vec();
+    f.push(tag);
+    f.extend_from_slice(body);
+    f
+}
+
+#[test]
+fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vtun::sync::protocol::{hello, Msg};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().to_str().unwrap().to_string();
+    // Send (4) with four billion requests in 9 bytes; Apply (7) declaring 512 MiB of ops.
+    let mut send = u32::MAX.to_le_bytes().to_vec();
+    send.extend_from_slice(&[0; 9]);
+    let huge_apply = {
+        let mut f = (512u32 << 20).to_le_bytes().to_vec();
+        f.push(7);
+        f
+    };
+    for (attack, want) in [
+        (raw_frame(4, &send), "exceeds message size"),
+        (huge_apply, "exceeds its limit"),
+    ] {
+        let root = root.clone();
+        let err = rt.block_on(async move {
+            let (ours, theirs) = tokio::io::duplex(1 << 16);
+            let (tr, tw) = tokio::io::split(theirs);
+            let agent = tokio::spawn(vtun::sync::agent::serve(tr, tw));
+            let (mut r, mut w) = tokio::io::split(ours);
+            let mut h = [0u8; 16];
+            r.read_exact(&mut h).await.unwrap();
+            assert_eq!(h, hello());
+            w.write_all(&hello()).await.unwrap();
+            let (tag, body) = Msg::Root(root).encode();
+            w.write_all(&raw_frame(tag, &body)).await.unwrap();
+            w.write_all(&attack).await.unwrap();
+            w.flush().await.unwrap();
+            agent.await.unwrap().unwrap_err()
+        });
+        assert!(format!("{err:#}").contains(want), "{err:#}");
+    }
+}
+
+#[test]
+fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
+    use vtun::sync::endpoint::Endpoint;
+    use vtun::sync::protocol::{hello, Msg};
+    use vtun::sync::tree::RelPath;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            theirs.write_all(&hello()).await.unwrap();
+            let mut h = [0u8; 16];
+            theirs.read_exact(&mut h).await.unwrap();
+            while let Ok(Some((m, _))) = vtun::sync::protocol::read_msg(&mut theirs).await {
+                if let Msg::Signatures(_) = m {
+                    // Sigs claiming four billion entries, in five bytes.
+                    let mut body = u32::MAX.to_le_bytes().to_vec();
+                    body.push(0);
+                    theirs.write_all(&raw_frame(102, &body)).await.unwrap();
+                }
+            }
+        });
+        let mut ep = vtun::sync::remote::AgentEndpoint::over(Box::new(ours), "/tmp")
+            .await
+            .unwrap();
+        let err = ep
+            .signatures(vec![RelPath::parse("f").unwrap()])
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exceeds message size"),
+            "{err:#}"
+        );
+    });
+}
+
+/// A file truncated by another process while it is being sent, whole or as a delta: the
+/// sender (which used to map it, and die of SIGBUS) abandons it with a `Skip` saying it
+/// changed, after its `Start`, so the receiver drops what it has of it.
+#[test]
+fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
+    use vtun::sync::endpoint::{Endpoint, Piece, SendReq};
+    use vtun::sync::local::LocalEndpoint;
+    use vtun::sync::tree::RelPath;
+    let t = tempfile::tempdir().unwrap();
+    // Random past its first MiB, so a delta against that MiB is literals, sent as it is read.
+    let mut x = 88172645463325252u64;
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let old = t.path().join("old");
+    write(&old, &data[..1 << 20]);
+    let sig = vtun::sync::delta::signature(&std::fs::File::open(&old).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for signature in [None, Some(sig)] {
+        let path = t.path().join("f");
+        write(&path, &data);
+        let mut ep = LocalEndpoint::new(t.path());
+        let req = SendReq {
+            path: RelPath::parse("f").unwrap(),
+            signature: signature.clone(),
+        };
+        let pieces = rt.block_on(async {
+            // One piece in flight: the sender is at most a piece or two ahead of us.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let send = tokio::spawn(async move { ep.send(vec![req], tx).await });
+            let mut got = Vec::new();
+            while let Some(p) = rx.recv().await {
+                if matches!(p, Piece::Data(_)) && got.len() == 1 {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .unwrap()
+                        .set_len(1000)
+                        .unwrap();
+                }
+                got.push(p);
+            }
+            send.await.unwrap().unwrap();
+            got
+        });
+        let delta = signature.is_some();
+        assert!(matches!(pieces[0], Piece::Start { .. }), "delta {delta}");
+        match pieces.last() {
+            Some(Piece::Skip { path, reason }) => {
+                assert_eq!(path.as_str(), "f");
+                assert_eq!(reason, "changed while being read", "delta {delta}");
+            }
+            other => panic!("delta {delta}: ended with {other:?}"),
+        }
+    }
+}
+
+/// More requests than one frame carries (`REQUEST_ITEMS`): 5,000 files sent by the agent
+/// (their `Send` requests in two frames) and 5,000 mode changes applied by it (`Apply` in two
+/// pipelined frames) arrive complete and in order.
+#[test]
+fn requests_split_over_frames_arrive_complete() {
+    const { assert!(vtun::sync::protocol::REQUEST_ITEMS < 5000) };
+    let t = tempfile::tempdir().unwrap();
+    let (src, back, there) = (t.path().join("s"), t.path().join("b"), t.path().join("t"));
+    for i in 0..5000 {
+        write(
+            &src.join(format!("d{}/f{i}", i % 7)),
+            format!("{i}").as_bytes(),
+        );
+    }
+    sync(&[&format!("vm:{}/", src.display()), &slash(&back)]);
+    assert_eq!(digest(&back), digest(&src));
+    sync(&[&slash(&src), &remote(&there)]);
+    for i in 0..5000 {
+        let p = src.join(format!("d{}/f{i}", i % 7));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let lines = sync(&["-i", &slash(&src), &remote(&there)]);
+    assert_eq!(lines.len(), 5000, "one mode change per file");
+    assert_eq!(digest(&there), digest(&src));
 }

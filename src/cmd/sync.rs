@@ -5,7 +5,7 @@ use anyhow::Result;
 use super::Runtime;
 use crate::cli::{GlobalArgs, SyncArgs};
 use crate::ssh::SshConnector;
-use crate::sync::{run_sync, SyncOptions};
+use crate::sync::{run_sync, Partial, SyncOptions};
 
 pub fn options(args: &SyncArgs) -> SyncOptions {
     SyncOptions {
@@ -31,7 +31,16 @@ pub fn run(g: &GlobalArgs, args: &SyncArgs) -> Result<u8> {
     let opts = options(args);
     Runtime::MultiThread.block_on(async {
         let mut out = std::io::stdout();
-        run_sync(&settings, &opts, &connector, &mut out).await?;
-        Ok(0)
+        match run_sync(&settings, &opts, &connector, &mut out).await {
+            Ok(_) => Ok(0),
+            // A partial run exits with its own status, as rsync's 23 and 24.
+            Err(e) => match e.downcast_ref::<Partial>() {
+                Some(p) => {
+                    eprintln!("vtun: {p}");
+                    Ok(p.code)
+                }
+                None => Err(e),
+            },
+        }
     })
 }

@@ -39,7 +39,9 @@ pub enum Piece {
     End {
         hash: [u8; 32],
     },
-    /// The sender could not read this file (vanished, permission denied).
+    /// The sender could not read this file (vanished, permission denied): instead of its
+    /// `Start`, or after it and some `Data` when the file changed while it was read, which
+    /// makes the receiver drop what it has of it.
     Skip {
         path: RelPath,
         reason: String,
@@ -104,6 +106,10 @@ pub trait Endpoint: Send {
         0
     }
 }
+
+/// The `Skip` reason for a file that was gone when the sender came to read it (rsync's
+/// "vanished"); counted apart, because only these make a run exit with status 24.
+pub const VANISHED: &str = "vanished";
 
 /// Largest `Data` piece: big enough to keep pipes busy, small enough to bound memory.
 pub const CHUNK: usize = 256 * 1024;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
-use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
+use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, VANISHED};
 use super::plan::{itemize, plan, Action, PlanOpts};
 use super::tree::{EntryKind, ListOpts, RelPath};
 
@@ -43,6 +43,25 @@ pub struct Summary {
     pub changes: Vec<String>,
     /// Entries that could not be synced, with the reason.
     pub failed: Vec<(String, String)>,
+}
+
+/// Exit status of a run in which some entries failed (rsync's "partial transfer due to error").
+pub const EXIT_PARTIAL: u8 = 23;
+/// Exit status of a run in which the only failures were source files that vanished before they
+/// could be sent (rsync's 24).
+pub const EXIT_VANISHED: u8 = 24;
+
+impl Summary {
+    /// 0 when everything was synced, else [`EXIT_VANISHED`] or [`EXIT_PARTIAL`].
+    pub fn exit_code(&self) -> u8 {
+        if self.failed.is_empty() {
+            0
+        } else if self.failed.iter().all(|(_, why)| why == VANISHED) {
+            EXIT_VANISHED
+        } else {
+            EXIT_PARTIAL
+        }
+    }
 }
 
 /// Sync `src` into `dst`. `emit` gets each itemize line as soon as the plan is known.
@@ -385,11 +404,19 @@ async fn check_order(
     to_dst: mpsc::Sender<Piece>,
 ) -> Result<()> {
     let mut next = expected.into_iter();
+    // The file being sent: a `Skip` of it abandons it (it changed while being read).
+    let mut open: Option<RelPath> = None;
     while let Some(p) = from_src.recv().await {
-        if let Piece::Start { path, .. } | Piece::Skip { path, .. } = &p {
-            if next.next().as_ref() != Some(path) {
-                bail!("the sender sent {path:?}, which was not asked for");
+        match &p {
+            Piece::Skip { path, .. } if open.as_ref() == Some(path) => open = None,
+            Piece::Start { path, .. } | Piece::Skip { path, .. } => {
+                if next.next().as_ref() != Some(path) {
+                    bail!("the sender sent {path:?}, which was not asked for");
+                }
+                open = matches!(p, Piece::Start { .. }).then(|| path.clone());
             }
+            Piece::End { .. } => open = None,
+            Piece::Data(_) => {}
         }
         if to_dst.send(p).await.is_err() {
             bail!("the receiver stopped");
@@ -465,6 +492,24 @@ mod tests {
             self.log("apply");
             self.inner.apply(ops)
         }
+    }
+
+    #[test]
+    fn exit_code_is_24_only_when_every_failure_is_a_vanished_file() {
+        let with = |reasons: &[&str]| Summary {
+            failed: reasons
+                .iter()
+                .map(|r| ("f".into(), r.to_string()))
+                .collect(),
+            ..Summary::default()
+        };
+        assert_eq!(with(&[]).exit_code(), 0);
+        assert_eq!(with(&[VANISHED, VANISHED]).exit_code(), EXIT_VANISHED);
+        assert_eq!(
+            with(&[VANISHED, "changed while being read"]).exit_code(),
+            23
+        );
+        assert_eq!(with(&["permission denied"]).exit_code(), EXIT_PARTIAL);
     }
 
     #[tokio::test]

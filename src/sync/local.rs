@@ -4,14 +4,14 @@
 
 use crate::fs::{io_text, FileTime, Root};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::delta;
-use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
+use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK, VANISHED};
 use super::tree::{self, ListOpts, Listing, RelPath};
 use super::write;
 use crate::fs::read_chunk_at;
@@ -112,40 +112,65 @@ fn open_regular(root: &Root, rel: &RelPath) -> Result<std::fs::File> {
 }
 
 fn send_one(root: &Root, req: &SendReq, out: &mpsc::Sender<Piece>) -> Result<()> {
-    let f = open_regular(root, &req.path)?;
+    let f = match open_regular(root, &req.path) {
+        Err(e) if vanished(&e) => bail!(VANISHED),
+        r => r?,
+    };
     let path = req.path.under(root.path());
     let m = f.metadata()?;
+    let token = delta::Token::of(&f)?;
     let put = |p: Piece| out.blocking_send(p).ok().context("receiver went away");
-    let start = |delta: bool, size: u64| Piece::Start {
+    let sent = send_content(&f, &m, req, &path, &put);
+    // Whatever the read ran into, a file that moved under it is reported as just that; the
+    // receiver drops what it has of it.
+    if delta::Token::of(&f).map_or(true, |t| t != token) {
+        bail!(delta::CHANGED);
+    }
+    put(Piece::End { hash: sent? })
+}
+
+fn vanished(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Start and data pieces of one file, read with `pread` (never mapped: a mapped file that
+/// another process truncates kills the reader with SIGBUS); returns the content's BLAKE3.
+fn send_content(
+    f: &std::fs::File,
+    m: &std::fs::Metadata,
+    req: &SendReq,
+    path: &Path,
+    put: &dyn Fn(Piece) -> Result<()>,
+) -> Result<[u8; 32]> {
+    let start = |delta: bool| Piece::Start {
         path: req.path.clone(),
         delta,
-        size,
+        size: m.len(),
         mode: m.permissions().mode() & 0o7777,
-        mtime: FileTime::mtime_of(&m),
+        mtime: FileTime::mtime_of(m),
     };
     if let Some(sig) = &req.signature {
         // Always a delta: one that is all literals costs about what the file does.
         let sig = delta::Signature::parse(sig).context("bad signature from the receiver")?;
-        let data =
-            delta::Mapped::new(&f).with_context(|| format!("cannot read {}", path.display()))?;
-        put(start(true, data.len() as u64))?;
-        let hash = delta::diff(&sig, &data, &mut |chunk| put(Piece::Data(chunk)))?;
-        return put(Piece::End { hash });
+        put(start(true))?;
+        return delta::diff_file(&sig, f, m.len(), &mut |chunk| put(Piece::Data(chunk)))
+            .with_context(|| format!("cannot read {}", path.display()));
     }
-    put(start(false, m.len()))?;
+    put(start(false))?;
     let mut h = blake3::Hasher::new();
     let mut at = 0u64;
-    loop {
-        let buf = read_chunk_at(&f, at, CHUNK)
+    // No further than the size announced: growth shows as a change, not as extra bytes.
+    while at < m.len() {
+        let want = (m.len() - at).min(CHUNK as u64) as usize;
+        let buf = read_chunk_at(f, at, want)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        if buf.is_empty() {
-            break;
+        if buf.len() < want {
+            bail!(delta::CHANGED);
         }
         at += buf.len() as u64;
         h.update(&buf);
         put(Piece::Data(buf))?;
     }
-    put(Piece::End {
-        hash: *h.finalize().as_bytes(),
-    })
+    Ok(*h.finalize().as_bytes())
 }

@@ -6,6 +6,10 @@
 //! `vtun agent`), `remote` (finding or uploading the agent and talking to it), `engine` (runs a
 //! plan between two endpoints).
 //!
+//! A run that syncs all it can but not everything fails with [`Partial`], which `vtun sync`
+//! turns into rsync's exit status: 23 when some entries failed, 24 when the only failures were
+//! source files that vanished before they could be sent.
+//!
 //! Environment variables, all testing and debugging aids: `VTUN_AGENT_PATH` (client side) names
 //! an agent executable the remote discovery script tries first; `VTUN_AGENT_BINARY` (client side)
 //! is the file uploaded when the remote has no agent (default: this executable);
@@ -57,8 +61,18 @@ pub struct SyncOptions {
     pub json: bool,
 }
 
+/// A run that synced everything it could, but not everything: each failed entry has had its
+/// line on stderr. `code` is [`engine::EXIT_PARTIAL`] (23), or [`engine::EXIT_VANISHED`] (24)
+/// when the only failures were source files that vanished before they could be sent.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} entries could not be synced (partial sync, exit status {code})")]
+pub struct Partial {
+    pub failed: usize,
+    pub code: u8,
+}
+
 /// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to `out`;
-/// errors when any entry could not be synced (after syncing the rest).
+/// a [`Partial`] error when any entry could not be synced (after syncing the rest).
 pub async fn run_sync(
     settings: &Settings,
     args: &SyncOptions,
@@ -125,7 +139,11 @@ pub async fn run_sync(
         for (path, why) in &summary.failed {
             eprintln!("vtun: sync: {path}: {why}");
         }
-        bail!("{} entries could not be synced", summary.failed.len());
+        return Err(Partial {
+            failed: summary.failed.len(),
+            code: summary.exit_code(),
+        }
+        .into());
     }
     Ok(summary)
 }

@@ -7,19 +7,67 @@
 //! lengths are bounded by the frame), and a malformed frame is an error, never a panic.
 //!
 //! Frame: `u32` little-endian length of what follows, a tag byte, the body.
+//!
+//! Nothing the peer says sizes an allocation before its bytes have arrived (the rustls way):
+//! each message kind has its own body limit ([`body_limit`]), checked before the body is read,
+//! and every item count is bounded by what the rest of the body can hold. So no message is
+//! unbounded in size, a listing is streamed as [`Msg::ListingPart`]s of about
+//! [`LISTING_PART`] bytes ended by [`Msg::ListingEnd`], and a client splits long request
+//! lists (`Send`, `Apply`) over several frames.
 
 use crate::fs::FileTime;
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::endpoint::{Op, Piece, RecvReport, SendReq};
-use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
+use super::delta::MAX_PIECE;
+use super::endpoint::{Op, Piece, RecvReport, SendReq, CHUNK};
+use super::tree::{Entry, EntryKind, ListOpts, RelPath};
 
 pub const MAGIC: &[u8; 12] = b"\x00vtun-agent\x00";
 /// Bump on any incompatible change; agents of another version are not used.
-pub const PROTO: u32 = 3;
-/// Largest frame accepted (a listing of a very large tree is the biggest).
-pub const MAX_FRAME: usize = 512 << 20;
+pub const PROTO: u32 = 4;
+
+/// The largest signature any request or reply carries: a receiver's file whose signature is
+/// bigger (a basis of some 400 GiB) is sent whole instead.
+pub const MAX_SIG: usize = 64 << 20;
+/// A listing part is cut once its body reaches this size.
+pub const LISTING_PART: usize = 1 << 20;
+/// Requests (`Send`, `Apply`) are split into frames of about this many body bytes.
+pub const REQUEST_PART: usize = 1 << 20;
+/// And of at most this many items, so that a reply with one result per item stays small.
+pub const REQUEST_ITEMS: usize = 4096;
+/// Total entries one listing may have: beyond this, a peer is taken to be flooding us.
+pub const MAX_ENTRIES: usize = 50_000_000;
+/// Largest `Data` body: a whole-file chunk or a delta piece, whichever senders make bigger.
+pub const MAX_DATA: usize = if CHUNK > MAX_PIECE { CHUNK } else { MAX_PIECE };
+
+/// The largest body a message with `tag` may have; `None` for a tag we do not know. Generous
+/// for what an honest peer sends (room for paths of `PATH_MAX` and for messages), tight
+/// enough that a frame cannot make us allocate much more than it is worth.
+pub fn body_limit(tag: u8) -> Option<usize> {
+    const SMALL: usize = 64 << 10;
+    Some(match tag {
+        1 | 10 | 13 => SMALL,
+        2 => 4 << 20,
+        // At most the engine's batch of paths, each up to PATH_MAX.
+        3 => 16 << 20,
+        // One frame's worth of requests, plus one signature that may be large on its own.
+        4 => MAX_SIG + 2 * REQUEST_PART,
+        5 | 6 | 103 => 0,
+        7 => 2 * REQUEST_PART,
+        DATA_TAG => MAX_DATA,
+        12 => 32,
+        // A part is cut after it reaches LISTING_PART: one more entry (path and link target)
+        // fits in the rest.
+        101 => LISTING_PART + (64 << 10),
+        107 => 1,
+        // The signatures of one batch within MAX_SIG, and a byte or nine for each path.
+        102 => MAX_SIG + (24 << 20),
+        104 | 105 => 32 << 20,
+        199 => 1 << 20,
+        _ => return None,
+    })
+}
 
 /// Frames up to this size are read into a buffer allocated once.
 const PREALLOC_MAX: usize = 4 << 20;
@@ -41,7 +89,12 @@ pub enum Msg {
     Apply(Vec<Op>),
     Piece(Piece),
     // Agent replies.
-    Listing(Listing),
+    /// Some entries of a listing, in order; more parts or a `ListingEnd` follow.
+    ListingPart(Vec<Entry>),
+    /// The listing is complete.
+    ListingEnd {
+        root_exists: bool,
+    },
     Sigs(Vec<Option<Vec<u8>>>),
     SendDone,
     RecvDone(RecvReport),
@@ -149,6 +202,15 @@ impl<'a> Dec<'a> {
             bail!("item count {n} exceeds message size");
         }
         Ok(n)
+    }
+    /// `n` items decoded by `f`, in a vector grown as they decode: its size follows the bytes
+    /// that arrived, never the count the peer claimed.
+    fn items<T>(&mut self, n: usize, mut f: impl FnMut(&mut Self) -> Result<T>) -> Result<Vec<T>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(f(self)?);
+        }
+        Ok(v)
     }
     fn hash(&mut self) -> Result<[u8; 32]> {
         let mut h = [0u8; 32];
@@ -306,11 +368,14 @@ impl Msg {
                     13
                 }
             },
-            Msg::Listing(l) => {
-                e.u8(l.root_exists as u8);
-                e.u32(l.entries.len() as u32);
-                l.entries.iter().for_each(|x| enc_entry(&mut e, x));
+            Msg::ListingPart(entries) => {
+                e.u32(entries.len() as u32);
+                entries.iter().for_each(|x| enc_entry(&mut e, x));
                 101
+            }
+            Msg::ListingEnd { root_exists } => {
+                e.u8(*root_exists as u8);
+                107
             }
             Msg::Sigs(sigs) => {
                 e.u32(sigs.len() as u32);
@@ -360,7 +425,7 @@ impl Msg {
                 let hashes = d.bool()?;
                 let clean_temps = d.bool()?;
                 let n = d.count(8)?;
-                let excludes = (0..n).map(|_| d.str()).collect::<Result<_>>()?;
+                let excludes = d.items(n, Dec::str)?;
                 Msg::List(ListOpts {
                     start,
                     hashes,
@@ -370,11 +435,12 @@ impl Msg {
             }
             3 => {
                 let n = d.count(8)?;
-                Msg::Signatures((0..n).map(|_| d.path()).collect::<Result<_>>()?)
+                Msg::Signatures(d.items(n, Dec::path)?)
             }
             4 => {
                 let n = d.count(9)?;
-                let mut reqs = Vec::with_capacity(n);
+                // Grown as items decode, never sized by the peer's count.
+                let mut reqs = Vec::new();
                 for _ in 0..n {
                     let path = d.path()?;
                     let signature = if d.bool()? {
@@ -390,7 +456,7 @@ impl Msg {
             6 => Msg::RecvEnd,
             7 => {
                 let n = d.count(1)?;
-                let mut ops = Vec::with_capacity(n);
+                let mut ops = Vec::new();
                 for _ in 0..n {
                     ops.push(match d.u8()? {
                         0 => Op::MkRoot,
@@ -440,18 +506,16 @@ impl Msg {
                 reason: d.str()?,
             }),
             101 => {
-                let root_exists = d.bool()?;
-                let n = d.count(8)?;
-                let entries = (0..n).map(|_| dec_entry(&mut d)).collect::<Result<_>>()?;
-                Msg::Listing(Listing {
-                    root_exists,
-                    entries,
-                    mtime_seconds: false,
-                })
+                // Path length, kind, mode, mtime, hash flag.
+                let n = d.count(8 + 1 + 4 + 12 + 1)?;
+                Msg::ListingPart(d.items(n, dec_entry)?)
             }
+            107 => Msg::ListingEnd {
+                root_exists: d.bool()?,
+            },
             102 => {
                 let n = d.count(1)?;
-                let mut sigs = Vec::with_capacity(n);
+                let mut sigs = Vec::new();
                 for _ in 0..n {
                     sigs.push(if d.bool()? {
                         Some(d.bytes()?.to_vec())
@@ -466,11 +530,9 @@ impl Msg {
                 let files = d.u64()?;
                 let bytes = d.u64()?;
                 let n = d.count(8)?;
-                let mismatched = (0..n).map(|_| d.path()).collect::<Result<_>>()?;
+                let mismatched = d.items(n, Dec::path)?;
                 let n = d.count(16)?;
-                let failed = (0..n)
-                    .map(|_| Ok((d.path()?, d.str()?)))
-                    .collect::<Result<_>>()?;
+                let failed = d.items(n, |d| Ok((d.path()?, d.str()?)))?;
                 Msg::RecvDone(RecvReport {
                     files,
                     bytes,
@@ -480,7 +542,7 @@ impl Msg {
             }
             105 => {
                 let n = d.count(1)?;
-                Msg::Applied((0..n).map(|_| d.opt_str()).collect::<Result<_>>()?)
+                Msg::Applied(d.items(n, Dec::opt_str)?)
             }
             199 => Msg::Error(d.str()?),
             t => bail!("unknown message tag {t}"),
@@ -490,22 +552,56 @@ impl Msg {
     }
 }
 
-/// Write one message; returns the bytes written. Does not flush.
+/// Write one message; returns the bytes written. Does not flush. A message bigger than its
+/// kind's limit is refused here, where the error names it, rather than by the peer.
 pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> Result<u64> {
     // File data, nearly every byte of a sync, is written from where it is, not encoded first.
     if let Msg::Piece(Piece::Data(data)) = m {
-        let len = u32::try_from(data.len() + 1).context("message too large")?;
-        w.write_all(&len.to_le_bytes()).await?;
-        w.write_u8(DATA_TAG).await?;
-        w.write_all(data).await?;
-        return Ok(4 + len as u64);
+        return write_frame(w, DATA_TAG, data).await;
     }
     let (tag, body) = m.encode();
-    let len = u32::try_from(body.len() + 1).context("message too large")?;
+    write_frame(w, tag, &body).await
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, tag: u8, body: &[u8]) -> Result<u64> {
+    let limit = body_limit(tag).unwrap_or(0);
+    if body.len() > limit {
+        bail!(
+            "message {tag} of {} bytes exceeds its limit of {limit}",
+            body.len()
+        );
+    }
+    // In range: every limit is far below u32::MAX.
+    let len = (body.len() + 1) as u32;
     w.write_all(&len.to_le_bytes()).await?;
     w.write_u8(tag).await?;
-    w.write_all(&body).await?;
+    w.write_all(body).await?;
     Ok(4 + len as u64)
+}
+
+/// Write `entries` as listing parts of about [`LISTING_PART`] bytes each, then the end marker;
+/// returns the bytes written. Encoded part by part, so the wire form of a huge listing is never
+/// in memory at once.
+pub async fn write_listing<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    entries: &[Entry],
+    root_exists: bool,
+) -> Result<u64> {
+    let mut total = 0;
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let mut e = Enc::default();
+        e.u32(0);
+        let mut n = 0;
+        while n < rest.len() && e.0.len() < LISTING_PART {
+            enc_entry(&mut e, &rest[n]);
+            n += 1;
+        }
+        e.0[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        total += write_frame(w, 101, &e.0).await?;
+        rest = &rest[n..];
+    }
+    Ok(total + write_msg(w, &Msg::ListingEnd { root_exists }).await?)
 }
 
 /// Read one message; `None` at a clean end of stream. Returns the bytes read too.
@@ -517,10 +613,19 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Msg, u6
         Err(e) => return Err(e).context("connection to the agent failed"),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
-        bail!("bad frame length {len}");
+    if len == 0 {
+        bail!("bad frame length 0");
     }
     let tag = r.read_u8().await.context("truncated frame")?;
+    let Some(limit) = body_limit(tag) else {
+        bail!("unknown message tag {tag}");
+    };
+    if len - 1 > limit {
+        bail!(
+            "message {tag} of {} bytes exceeds its limit of {limit}",
+            len - 1
+        );
+    }
     // Sized up front, so the body is read in place rather than regrown and copied; capped, so
     // a length alone cannot make us allocate much.
     let mut body = Vec::with_capacity((len - 1).min(PREALLOC_MAX));
@@ -569,7 +674,7 @@ mod tests {
     #[tokio::test]
     async fn frames_match_encode_and_read_back() {
         let msgs = [
-            Msg::Piece(Piece::Data((0..300_000u32).map(|i| i as u8).collect())),
+            Msg::Piece(Piece::Data((0..MAX_DATA as u32).map(|i| i as u8).collect())),
             Msg::Piece(Piece::Data(vec![7])),
             Msg::Piece(Piece::End { hash: [9; 32] }),
             Msg::RecvBegin,
@@ -637,17 +742,14 @@ mod tests {
         }));
         rt(Msg::Piece(Piece::Data(vec![0; 1000])));
         rt(Msg::Piece(Piece::End { hash: [7; 32] }));
-        rt(Msg::Listing(Listing {
-            root_exists: true,
-            entries: vec![Entry {
-                path: p.clone(),
-                kind: EntryKind::Symlink { target: "t".into() },
-                mode: 0o777,
-                mtime: FileTime::from_secs(3),
-                hash: Some([1; 32]),
-            }],
-            mtime_seconds: false,
-        }));
+        rt(Msg::ListingPart(vec![Entry {
+            path: p.clone(),
+            kind: EntryKind::Symlink { target: "t".into() },
+            mode: 0o777,
+            mtime: FileTime::from_secs(3),
+            hash: Some([1; 32]),
+        }]));
+        rt(Msg::ListingEnd { root_exists: true });
         rt(Msg::Sigs(vec![None, Some(vec![3; 40])]));
         rt(Msg::RecvDone(RecvReport {
             files: 2,
@@ -665,6 +767,122 @@ mod tests {
         let at = body.len() - 2;
         body[at..].copy_from_slice(b"..");
         assert!(Msg::decode(tag, &body).is_err());
+    }
+
+    /// A frame as the peer would send it: length, tag, body.
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32 + 1).to_le_bytes().to_vec();
+        f.push(tag);
+        f.extend_from_slice(body);
+        f
+    }
+
+    async fn read_err(wire: &[u8]) -> String {
+        let mut r = wire;
+        format!("{:#}", read_msg(&mut r).await.unwrap_err())
+    }
+
+    #[tokio::test]
+    async fn huge_item_counts_are_refused_before_anything_is_allocated() {
+        // Sigs, Send, Apply, listing parts, Signatures, Applied: a count of 4 billion in a
+        // frame of a few bytes, which `with_capacity` would have turned into gigabytes.
+        for tag in [102, 4, 7, 101, 3, 105] {
+            let mut body = u32::MAX.to_le_bytes().to_vec();
+            body.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let e = read_err(&frame(tag, &body)).await;
+            assert!(e.contains("exceeds message size"), "tag {tag}: {e}");
+        }
+        // A count that fits the body only if items were smaller than they can be.
+        let e = format!(
+            "{:#}",
+            Msg::decode(102, &[9, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap_err()
+        );
+        assert!(e.contains("exceeds message size"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn each_kind_has_its_own_frame_limit() {
+        // Only the header is on the wire: a reader that believed the length would report a
+        // truncated frame (after allocating for it) instead of the limit.
+        for (tag, limit) in [
+            (DATA_TAG, MAX_DATA),
+            (101, LISTING_PART + (64 << 10)),
+            (7, 2 * REQUEST_PART),
+            (12, 32),
+            (103, 0),
+            (102, MAX_SIG + (24 << 20)),
+        ] {
+            let mut wire = (limit as u32 + 2).to_le_bytes().to_vec();
+            wire.push(tag);
+            let e = read_err(&wire).await;
+            assert!(e.contains("exceeds its limit"), "tag {tag}: {e}");
+        }
+        // The 512 MiB frame that used to be accepted for any kind.
+        let mut wire = (512u32 << 20).to_le_bytes().to_vec();
+        wire.push(4);
+        assert!(read_err(&wire).await.contains("exceeds its limit"));
+        let mut wire = 10u32.to_le_bytes().to_vec();
+        wire.push(77);
+        assert!(read_err(&wire).await.contains("unknown message tag 77"));
+        // Data a sender makes is within the limit; one byte more is refused on writing too.
+        let ok = Msg::Piece(Piece::Data(vec![1; MAX_DATA]));
+        write_msg(&mut Vec::new(), &ok).await.unwrap();
+        let big = Msg::Piece(Piece::Data(vec![1; MAX_DATA + 1]));
+        assert!(write_msg(&mut Vec::new(), &big).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn truncated_bodies_are_errors() {
+        let whole = frame(4, &Msg::Send(vec![]).encode().1);
+        let mut cut = frame(10, &[0; 30]);
+        cut.truncate(20);
+        assert!(read_err(&cut).await.contains("truncated frame"));
+        // A body that ends inside an item.
+        let (tag, body) = Msg::Signatures(vec![RelPath::parse("abc").unwrap()]).encode();
+        for n in 0..body.len() {
+            assert!(Msg::decode(tag, &body[..n]).is_err(), "cut at {n}");
+        }
+        assert!(read_msg(&mut &whole[..]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn listings_stream_in_bounded_parts_and_read_back_whole() {
+        let entries: Vec<Entry> = (0..40_000)
+            .map(|i| Entry {
+                path: RelPath::parse(&format!("dir{}/file-with-a-longish-name-{i}", i % 97))
+                    .unwrap(),
+                kind: EntryKind::File { size: i },
+                mode: 0o644,
+                mtime: FileTime::new(i as i64, 5),
+                hash: None,
+            })
+            .collect();
+        let mut wire = Vec::new();
+        write_listing(&mut wire, &entries, true).await.unwrap();
+        let mut r = &wire[..];
+        let (mut got, mut parts) = (Vec::new(), 0);
+        loop {
+            let before = r.len();
+            match read_msg(&mut r).await.unwrap().unwrap().0 {
+                Msg::ListingPart(p) => {
+                    assert!(before - r.len() <= LISTING_PART + 4096);
+                    parts += 1;
+                    got.extend(p);
+                }
+                Msg::ListingEnd { root_exists } => {
+                    assert!(root_exists);
+                    break;
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        assert!(parts >= 2, "{parts} parts");
+        assert_eq!(got, entries);
+        // An empty listing is just the end marker.
+        let mut wire = Vec::new();
+        write_listing(&mut wire, &[], false).await.unwrap();
+        let m = read_msg(&mut &wire[..]).await.unwrap().unwrap().0;
+        assert_eq!(m, Msg::ListingEnd { root_exists: false });
     }
 
     #[test]

@@ -17,7 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, Wri
 use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
-use super::protocol::{expect_msg, hello, write_msg, Msg, MAGIC, PROTO};
+use super::protocol::{
+    expect_msg, hello, write_msg, Msg, MAGIC, MAX_ENTRIES, MAX_SIG, PROTO, REQUEST_ITEMS,
+    REQUEST_PART,
+};
 use super::tree::{ListOpts, Listing, RelPath};
 use crate::link::{Link as Opener, RemoteIo};
 
@@ -253,6 +256,36 @@ impl AgentEndpoint {
     }
 }
 
+/// Split `items` into runs of at most [`REQUEST_ITEMS`] items and about [`REQUEST_PART`]
+/// bytes (by `size`), each one request frame.
+fn parts<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    for it in items {
+        if !cur.is_empty() && (cur.len() >= REQUEST_ITEMS || bytes >= REQUEST_PART) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += size(&it);
+        cur.push(it);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn op_size(op: &Op) -> usize {
+    match op {
+        Op::MkRoot => 1,
+        Op::Mkdir { path, .. } | Op::Delete { path, .. } | Op::SetMeta { path, .. } => {
+            path.as_str().len() + 32
+        }
+        Op::Symlink { path, target } => path.as_str().len() + target.len() + 32,
+    }
+}
+
 fn unexpected<T>(m: Msg) -> Result<T> {
     bail!("unexpected reply from agent: {}", short(&m))
 }
@@ -265,9 +298,29 @@ fn short(m: &Msg) -> String {
 impl Endpoint for AgentEndpoint {
     fn list(&mut self, opts: ListOpts) -> BoxFuture<'_, Result<Listing>> {
         Box::pin(async move {
-            match self.call(&Msg::List(opts)).await? {
-                Msg::Listing(l) => Ok(l),
-                m => unexpected(m),
+            self.put(&Msg::List(opts)).await?;
+            self.w
+                .flush()
+                .await
+                .context("connection to the agent failed")?;
+            let mut entries = Vec::new();
+            loop {
+                match self.reply().await? {
+                    Msg::ListingPart(part) => {
+                        if entries.len() + part.len() > MAX_ENTRIES {
+                            bail!("the agent's listing has more than {MAX_ENTRIES} entries");
+                        }
+                        entries.extend(part);
+                    }
+                    Msg::ListingEnd { root_exists } => {
+                        return Ok(Listing {
+                            root_exists,
+                            entries,
+                            mtime_seconds: false,
+                        })
+                    }
+                    m => return unexpected(m),
+                }
             }
         })
     }
@@ -284,15 +337,50 @@ impl Endpoint for AgentEndpoint {
 
     fn send(&mut self, reqs: Vec<SendReq>, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.put(&Msg::Send(reqs)).await?;
-            self.w.flush().await?;
-            loop {
-                match self.reply().await? {
-                    Msg::Piece(p) => out.send(p).await.ok().context("receiver went away")?,
-                    Msg::SendDone => return Ok(()),
-                    m => return unexpected(m),
+            // A signature too big for a frame only costs sending that file whole.
+            let reqs = reqs
+                .into_iter()
+                .map(|mut r| {
+                    if r.signature.as_ref().is_some_and(|s| s.len() > MAX_SIG) {
+                        r.signature = None;
+                    }
+                    r
+                })
+                .collect();
+            let frames = parts(reqs, |r: &SendReq| {
+                r.path.as_str().len() + r.signature.as_ref().map_or(0, Vec::len) + 16
+            });
+            let n = frames.len();
+            // Written while the replies are read: the agent answers each frame with a stream
+            // of pieces, and neither side may wait for the other to stop.
+            let (r, w) = (&mut self.r, &mut self.w);
+            let write = async move {
+                let mut wire = 0;
+                for f in frames {
+                    wire += write_msg(w, &Msg::Send(f)).await?;
+                    w.flush().await.context("connection to the agent failed")?;
                 }
-            }
+                anyhow::Ok(wire)
+            };
+            let read = async move {
+                let mut wire = 0;
+                let mut done = 0;
+                while done < n {
+                    let (m, k) = expect_msg(r).await?;
+                    wire += k;
+                    match m {
+                        Msg::Piece(p) => out.send(p).await.ok().context("receiver went away")?,
+                        Msg::SendDone => done += 1,
+                        Msg::Error(e) => bail!("agent: {e}"),
+                        m => return unexpected(m),
+                    }
+                }
+                anyhow::Ok(wire)
+            };
+            let (written, read) = tokio::join!(write, read);
+            let (written, read) = (written?, read?);
+            self.wire += written + read;
+            Ok(())
         })
     }
 
@@ -311,11 +399,36 @@ impl Endpoint for AgentEndpoint {
 
     fn apply(&mut self, ops: Vec<Op>) -> BoxFuture<'_, Result<Vec<Option<String>>>> {
         Box::pin(async move {
-            let n = ops.len();
-            match self.call(&Msg::Apply(ops)).await? {
-                Msg::Applied(r) if r.len() == n => Ok(r),
-                m => unexpected(m),
-            }
+            let frames = parts(ops, op_size);
+            let sizes: Vec<usize> = frames.iter().map(Vec::len).collect();
+            let (r, w) = (&mut self.r, &mut self.w);
+            // Pipelined: all frames go out while the replies come back.
+            let write = async move {
+                let mut wire = 0;
+                for f in frames {
+                    wire += write_msg(w, &Msg::Apply(f)).await?;
+                }
+                w.flush().await.context("connection to the agent failed")?;
+                anyhow::Ok(wire)
+            };
+            let read = async move {
+                let mut wire = 0;
+                let mut results = Vec::new();
+                for n in sizes {
+                    let (m, k) = expect_msg(r).await?;
+                    wire += k;
+                    match m {
+                        Msg::Applied(part) if part.len() == n => results.extend(part),
+                        Msg::Error(e) => bail!("agent: {e}"),
+                        m => return unexpected(m),
+                    }
+                }
+                anyhow::Ok((wire, results))
+            };
+            let (written, read) = tokio::join!(write, read);
+            let (written, (read, results)) = (written?, read?);
+            self.wire += written + read;
+            Ok(results)
         })
     }
 

@@ -5,7 +5,8 @@
 //! the old file. Where the walk finds a block unchanged in place, the value it computed to check
 //! the match is therefore exactly the new file's value for that block: the file hash costs no
 //! second pass over unchanged data. The other blocks are hashed by a helper thread, in
-//! parallel with the walk.
+//! parallel with the walk, from copies: the walk reads the file in windows and never holds it
+//! whole.
 
 use std::sync::mpsc;
 use std::thread::Scope;
@@ -29,9 +30,11 @@ pub fn chaining_value(block: &[u8], offset: u64) -> ChainingValue {
     h.finalize_non_root()
 }
 
-/// Collects one chaining value per block of `data`, in order, and merges them.
-pub struct FileHash<'a, 's> {
-    data: &'a [u8],
+/// Collects one chaining value per block of the new file, in order, and merges them. It never
+/// holds the file: a block whose value the walk did not compute is hashed from the walk's
+/// window when the walk passes it (on the helper thread, from a copy).
+pub struct FileHash<'s> {
+    len: usize,
     bs: usize,
     blocks: usize,
     /// The next block whose value is owed.
@@ -40,34 +43,39 @@ pub struct FileHash<'a, 's> {
 }
 
 enum Sink<'s> {
-    /// One block or none: the hash is BLAKE3 of the data, computed at the end.
-    Single,
+    /// One block or none: the hash is BLAKE3 of that block.
+    Single(Option<blake3::Hash>),
     Inline(Stack),
-    /// `None` asks the helper to compute the block's value.
     Thread {
-        batch: Vec<Option<ChainingValue>>,
-        tx: mpsc::SyncSender<Vec<Option<ChainingValue>>>,
+        batch: Vec<Block>,
+        tx: mpsc::SyncSender<Vec<Block>>,
         handle: std::thread::ScopedJoinHandle<'s, blake3::Hash>,
     },
 }
 
-impl<'a, 's> FileHash<'a, 's> {
-    /// `bs` is a power of two, at least BLAKE3's chunk size.
-    pub fn new<'e>(data: &'a [u8], bs: usize, scope: &'s Scope<'s, 'e>) -> FileHash<'a, 's>
-    where
-        'a: 's,
-    {
-        let blocks = data.len().div_ceil(bs);
+/// A block's value, or its bytes for the helper to hash.
+enum Block {
+    Known(ChainingValue),
+    Bytes(Vec<u8>),
+}
+
+impl<'s> FileHash<'s> {
+    /// For a file of `len` bytes; `bs` is a power of two, at least BLAKE3's chunk size.
+    pub fn new<'e>(len: usize, bs: usize, scope: &'s Scope<'s, 'e>) -> FileHash<'s> {
+        let blocks = len.div_ceil(bs);
         let sink = if blocks <= 1 {
-            Sink::Single
-        } else if data.len() < THREAD_MIN {
+            Sink::Single(None)
+        } else if len < THREAD_MIN {
             Sink::Inline(Stack::default())
         } else {
-            let (tx, rx) = mpsc::sync_channel::<Vec<Option<ChainingValue>>>(16);
+            let (tx, rx) = mpsc::sync_channel::<Vec<Block>>(16);
             let handle = scope.spawn(move || {
                 let mut stack = Stack::default();
-                for (j, cv) in rx.into_iter().flatten().enumerate() {
-                    stack.push(cv.unwrap_or_else(|| block_cv(data, bs, j)));
+                for (j, b) in rx.into_iter().flatten().enumerate() {
+                    stack.push(match b {
+                        Block::Known(cv) => cv,
+                        Block::Bytes(bytes) => chaining_value(&bytes, (j * bs) as u64),
+                    });
                 }
                 stack.root()
             });
@@ -78,7 +86,7 @@ impl<'a, 's> FileHash<'a, 's> {
             }
         };
         FileHash {
-            data,
+            len,
             bs,
             blocks,
             next: 0,
@@ -86,19 +94,38 @@ impl<'a, 's> FileHash<'a, 's> {
         }
     }
 
+    /// Where the first block whose value is still owed starts: the walk keeps the bytes from
+    /// there on.
+    pub fn owed_from(&self) -> usize {
+        (self.next * self.bs).min(self.len)
+    }
+
     /// The walk has passed `pos`: every block ending there or before is settled. `known` is
-    /// the chaining value of block `j` when the walk computed it.
-    pub fn passed(&mut self, pos: usize, known: Option<(usize, ChainingValue)>) {
-        while self.next < self.blocks && ((self.next + 1) * self.bs).min(self.data.len()) <= pos {
+    /// the chaining value of block `j` when the walk computed it; `window` holds the file's
+    /// bytes from `base` on, at least up to `pos` from [`FileHash::owed_from`].
+    pub fn passed(
+        &mut self,
+        pos: usize,
+        known: Option<(usize, ChainingValue)>,
+        window: &[u8],
+        base: usize,
+    ) {
+        while self.next < self.blocks && ((self.next + 1) * self.bs).min(self.len) <= pos {
             let cv = known.filter(|(j, _)| *j == self.next).map(|(_, cv)| cv);
+            let start = self.next * self.bs;
+            let end = (start + self.bs).min(self.len);
+            let bytes = || &window[start - base..end - base];
             match &mut self.sink {
-                Sink::Single => {}
+                Sink::Single(h) => *h = Some(blake3::hash(bytes())),
                 Sink::Inline(stack) => {
-                    stack.push(cv.unwrap_or_else(|| block_cv(self.data, self.bs, self.next)))
+                    stack.push(cv.unwrap_or_else(|| chaining_value(bytes(), start as u64)))
                 }
                 Sink::Thread { batch, tx, .. } => {
                     let urgent = cv.is_none();
-                    batch.push(cv);
+                    batch.push(match cv {
+                        Some(cv) => Block::Known(cv),
+                        None => Block::Bytes(bytes().to_vec()),
+                    });
                     if urgent || batch.len() >= BATCH {
                         // A helper that has gone (it panicked) is reported by `finish`.
                         drop(tx.send(std::mem::replace(batch, Vec::with_capacity(BATCH))));
@@ -109,10 +136,11 @@ impl<'a, 's> FileHash<'a, 's> {
         }
     }
 
-    pub fn finish(mut self) -> Option<[u8; 32]> {
-        self.passed(self.data.len(), None);
+    /// The hash, once the walk is at the end; `window` as for [`FileHash::passed`].
+    pub fn finish(mut self, window: &[u8], base: usize) -> Option<[u8; 32]> {
+        self.passed(self.len, None, window, base);
         let root = match self.sink {
-            Sink::Single => blake3::hash(self.data),
+            Sink::Single(h) => h.unwrap_or_else(|| blake3::hash(&[])),
             Sink::Inline(stack) => stack.root(),
             Sink::Thread { batch, tx, handle } => {
                 if !batch.is_empty() {
@@ -124,11 +152,6 @@ impl<'a, 's> FileHash<'a, 's> {
         };
         Some(*root.as_bytes())
     }
-}
-
-fn block_cv(data: &[u8], bs: usize, j: usize) -> ChainingValue {
-    let end = ((j + 1) * bs).min(data.len());
-    chaining_value(&data[j * bs..end], (j * bs) as u64)
 }
 
 /// Subtrees merged as BLAKE3's own hasher merges chunks: after `n` blocks the stack holds one
@@ -175,6 +198,11 @@ impl Stack {
 mod tests {
     use super::*;
 
+    fn block_cv(data: &[u8], bs: usize, j: usize) -> ChainingValue {
+        let end = ((j + 1) * bs).min(data.len());
+        chaining_value(&data[j * bs..end], (j * bs) as u64)
+    }
+
     #[test]
     fn merged_blocks_give_blake3_of_the_whole() {
         let data: Vec<u8> = (0..(5u32 << 20) + 77)
@@ -194,13 +222,15 @@ mod tests {
             for bs in [1024, 4096, 65536] {
                 let d = &data[..len];
                 let got = std::thread::scope(|s| {
-                    let mut h = FileHash::new(d, bs, s);
+                    let mut h = FileHash::new(len, bs, s);
                     // Hand over every third block's value as known, the rest computed.
                     for j in 0..len.div_ceil(bs) {
                         let known = (j % 3 == 0).then(|| (j, block_cv(d, bs, j)));
-                        h.passed(((j + 1) * bs).min(len), known);
+                        // Only what is still owed, as a walk's window would hold it.
+                        let from = h.owed_from();
+                        h.passed(((j + 1) * bs).min(len), known, &d[from..], from);
                     }
-                    h.finish().unwrap()
+                    h.finish(d, 0).unwrap()
                 });
                 assert_eq!(got, *blake3::hash(d).as_bytes(), "len {len} bs {bs}");
             }

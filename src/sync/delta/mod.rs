@@ -9,6 +9,10 @@
 //! ctime), so one applied to a file that has changed since is refused; the engine then resends
 //! the file whole.
 //!
+//! Files are read with `pread` in windows of a few MiB, never mapped: a mapped file that
+//! another process truncates kills the reader with SIGBUS, while a short read is just an error
+//! ([`CHANGED`]) that costs that one file.
+//!
 //! Delta layout (integers little-endian): version `u8`, basis [`Token`], then ops: [`OP_COPY`]
 //! (basis offset `u64`, length `u64`) or [`OP_LITERAL`] (length `u32`, the bytes). The
 //! signature's layout is in `signature`.
@@ -26,7 +30,7 @@ use std::os::unix::fs::MetadataExt;
 use anyhow::{Context, Result};
 
 pub use apply::ApplyError;
-pub use diff::diff;
+pub use diff::{diff, diff_file, CHANGED, MAX_PIECE};
 pub use rebuild::Rebuild;
 pub use signature::{block_size, signature, Signature};
 
@@ -35,7 +39,7 @@ const VERSION: u8 = 2;
 const OP_COPY: u8 = 1;
 const OP_LITERAL: u8 = 2;
 
-/// What identifies one state of a basis file: if any of it differs, the file may have changed
+/// What identifies one state of a file: if any of it differs, the file may have changed
 /// since its signature was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
@@ -87,32 +91,6 @@ impl Token {
             ino: u64::from_le_bytes(field(b, 20)?),
             ctime: time(28)?,
         })
-    }
-}
-
-/// A read-only map of a regular file: the delta code reads whole files, and mapping them from
-/// the page cache avoids copying them into (and faulting in) heap buffers of the same size.
-pub struct Mapped(Option<memmap2::Mmap>);
-
-impl Mapped {
-    pub fn new(file: &std::fs::File) -> Result<Mapped> {
-        if file.metadata()?.len() == 0 {
-            // Mapping an empty file fails on Linux; an empty slice is what callers want.
-            return Ok(Mapped(None));
-        }
-        // SAFETY: the map is read-only and private to this process. A file changed by another
-        // process while mapped can change the bytes we see, as with read(): the whole-file
-        // BLAKE3 check on the receiving side catches the result either way.
-        let map = unsafe { memmap2::Mmap::map(file) }.context("cannot map file")?;
-        Ok(Mapped(Some(map)))
-    }
-}
-
-impl std::ops::Deref for Mapped {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or(&[])
     }
 }
 
@@ -245,6 +223,17 @@ mod tests {
                 }
             }
             let (d, _) = delta(&sig(&old), &new).unwrap();
+            // Read in tiny windows, the walk makes the same delta: windows only decide reads.
+            let old_sig = sig(&old);
+            let parsed = Signature::parse(&old_sig).unwrap();
+            let mut small = Vec::new();
+            let window = [1, 3000, 70_000][round % 3];
+            diff::walk(&parsed, &&new[..], new.len(), window, &mut |p| {
+                small.extend_from_slice(&p);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(small, d, "round {round}: window {window}");
             for step in [1, 7, 4096, usize::MAX] {
                 let got = apply(&old, &d, new.len() as u64, step).unwrap();
                 assert_eq!(
@@ -312,6 +301,82 @@ mod tests {
             assert_eq!(parsed.strong(k), signature::strong(&cv));
         }
         assert_eq!(parsed.blocks(), data.len().div_ceil(bs));
+    }
+
+    #[test]
+    fn a_file_diffs_as_its_bytes_do() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("f");
+        let old = Rng(8).bytes(16 << 20);
+        let mut new = old.clone();
+        new[8 << 20..(8 << 20) + 8].copy_from_slice(b"CHANGED!");
+        std::fs::write(&path, &new).unwrap();
+        let s = sig(&old);
+        let (want, _) = delta(&s, &new).unwrap();
+        let sig = Signature::parse(&s).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let mut got = Vec::new();
+        diff_file(&sig, &f, new.len() as u64, &mut |p| {
+            got.extend_from_slice(&p);
+            Ok(())
+        })
+        .unwrap();
+        assert!(got.len() < 20_000, "{} bytes", got.len());
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn pieces_never_exceed_max_piece() {
+        // Blocks matched out of order (each its own copy op) and long literals.
+        let mut rng = Rng(21);
+        let old = rng.bytes(8 << 20);
+        let bs = block_size(old.len() as u64) as usize;
+        let mut new = Vec::new();
+        for k in (0..old.len() / bs).rev() {
+            new.extend_from_slice(&old[k * bs..(k + 1) * bs]);
+            new.extend_from_slice(&rng.bytes(k % 7));
+        }
+        new.extend(rng.bytes(3 << 20));
+        let s = sig(&old);
+        let sig = Signature::parse(&s).unwrap();
+        let mut biggest = 0;
+        diff(&sig, &new, &mut |p| {
+            biggest = biggest.max(p.len());
+            Ok(())
+        })
+        .unwrap();
+        assert!(biggest <= MAX_PIECE, "a piece of {biggest} bytes");
+    }
+
+    /// A file truncated by someone else while its delta is made: with a map this was SIGBUS
+    /// and the process died; read with pread it is an error that says what happened.
+    #[test]
+    fn file_truncated_while_diffed_is_an_error_not_sigbus() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("f");
+        let data = Rng(4).bytes(24 << 20);
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let s = signature(&f).unwrap();
+        let sig = Signature::parse(&s).unwrap();
+        let mut first = true;
+        let err = diff_file(&sig, &f, data.len() as u64, &mut |_| {
+            if first {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(4096)
+                    .unwrap();
+                first = false;
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains(CHANGED), "{err:#}");
+        // And its signature says so too.
+        let f = std::fs::File::open(&path).unwrap();
+        assert!(signature(&f).is_ok());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Rebuilding a file from a delta straight into the receiver's temporary file: copy runs go
 //! from the basis with `copy_file_range(2)`, so unchanged data stays in the kernel, literals
 //! are written as they arrive. The BLAKE3 of the result, which the sender's must match before
-//! the file is renamed into place, is computed on another thread from the basis's map and the
-//! literal bytes, overlapping the kernel's copies.
+//! the file is renamed into place, is computed (on another thread for big files, overlapping
+//! the kernel's copies) from the literal bytes and the basis read again with `pread`: never
+//! from a map of it, which another process truncating the basis would turn into SIGBUS.
 
 use std::fs::File;
 use std::io::Write;
@@ -13,7 +14,7 @@ use std::thread::JoinHandle;
 use anyhow::Result;
 
 use super::apply::{invalid, ApplyError, Ops, Parser};
-use super::{Mapped, Token};
+use super::Token;
 
 /// Below this size the result is hashed inline: a thread costs more than it saves.
 const THREAD_MIN: u64 = 4 << 20;
@@ -32,8 +33,33 @@ struct Writer {
 }
 
 enum Hashing {
-    Inline(Mapped, Box<blake3::Hasher>),
+    /// With a buffer for reading the basis.
+    Inline(Box<blake3::Hasher>, Vec<u8>),
     Thread(mpsc::SyncSender<Job>, JoinHandle<Option<[u8; 32]>>),
+}
+
+/// Basis bytes read at a time while hashing.
+const READ: usize = 1 << 20;
+
+/// Hash `len` bytes of `basis` at `offset`; `false` if the basis is shorter than that now.
+fn hash_basis(
+    basis: &File,
+    mut offset: u64,
+    mut len: u64,
+    buf: &mut Vec<u8>,
+    h: &mut blake3::Hasher,
+) -> bool {
+    buf.resize(READ, 0);
+    while len > 0 {
+        let n = len.min(READ as u64) as usize;
+        if basis.read_exact_at(&mut buf[..n], offset).is_err() {
+            return false;
+        }
+        h.update(&buf[..n]);
+        offset += n as u64;
+        len -= n as u64;
+    }
+    true
 }
 
 enum Job {
@@ -45,13 +71,13 @@ impl Rebuild {
     /// Rebuild a file of `size` bytes from `basis`, the receiver's current file.
     pub fn new(basis: File, size: u64) -> Result<Rebuild> {
         let token = Token::of(&basis)?;
-        let map = Mapped::new(&basis)?;
-        let parser = Parser::new(size, map.len() as u64);
+        let parser = Parser::new(size, token.size);
         let hash = if size < THREAD_MIN {
-            Hashing::Inline(map, Box::default())
+            Hashing::Inline(Box::default(), Vec::new())
         } else {
+            let reader = basis.try_clone()?;
             let (tx, rx) = mpsc::sync_channel(16);
-            let handle = std::thread::spawn(move || hash_jobs(&map, rx));
+            let handle = std::thread::spawn(move || hash_jobs(&reader, rx));
             Hashing::Thread(tx, handle)
         };
         Ok(Rebuild {
@@ -84,7 +110,7 @@ impl Rebuild {
             basis, token, hash, ..
         } = self.out;
         let hash = match hash {
-            Hashing::Inline(_, h) => Some(*h.finalize().as_bytes()),
+            Hashing::Inline(h, _) => Some(*h.finalize().as_bytes()),
             Hashing::Thread(tx, handle) => {
                 drop(tx);
                 handle.join().ok().flatten()
@@ -98,12 +124,15 @@ impl Rebuild {
     }
 }
 
-fn hash_jobs(map: &[u8], rx: mpsc::Receiver<Job>) -> Option<[u8; 32]> {
+fn hash_jobs(basis: &File, rx: mpsc::Receiver<Job>) -> Option<[u8; 32]> {
     let mut h = blake3::Hasher::new();
+    let mut buf = Vec::new();
     for job in rx {
         match job {
             Job::Basis(offset, len) => {
-                h.update(map.get(offset as usize..(offset + len) as usize)?);
+                if !hash_basis(basis, offset, len, &mut buf, &mut h) {
+                    return None;
+                }
             }
             Job::Bytes(b) => {
                 h.update(&b);
@@ -130,9 +159,10 @@ impl Ops for Sink<'_> {
 
     fn copy(&mut self, offset: u64, len: u64) -> Result<(), ApplyError> {
         match &mut self.w.hash {
-            Hashing::Inline(map, h) => {
-                // In range: the parser checked it against the map's length.
-                h.update(&map[offset as usize..(offset + len) as usize]);
+            Hashing::Inline(h, buf) => {
+                if !hash_basis(&self.w.basis, offset, len, buf, h) {
+                    return Err(invalid("the old file changed while the delta was applied"));
+                }
             }
             Hashing::Thread(tx, _) => {
                 tx.send(Job::Basis(offset, len))
@@ -154,7 +184,7 @@ impl Ops for Sink<'_> {
 
     fn literal(&mut self, bytes: &[u8]) -> Result<(), ApplyError> {
         match &mut self.w.hash {
-            Hashing::Inline(_, h) => {
+            Hashing::Inline(h, _) => {
                 h.update(bytes);
             }
             Hashing::Thread(tx, _) => {

@@ -7,13 +7,15 @@
 //! for why not a plain BLAKE3 of the block).
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 use anyhow::{bail, Context, Result};
 use blake3::hazmat::ChainingValue;
 
+use super::diff::CHANGED;
 use super::filehash::chaining_value;
 use super::weak::Rolling;
-use super::{Mapped, Token, VERSION};
+use super::{Token, VERSION};
 
 /// Bytes of BLAKE3 kept per block.
 pub const STRONG: usize = 16;
@@ -37,44 +39,82 @@ pub fn strong(cv: &ChainingValue) -> &[u8] {
     &cv[..STRONG]
 }
 
-/// The signature of the regular file open as `file`.
+/// The signature of the regular file open as `file`, read in windows with `pread` (a mapped
+/// file truncated under us would kill the process with SIGBUS). A file that changes while it
+/// is read is an error: a signature of a moving basis would only make a delta that fails.
 pub fn signature(file: &File) -> Result<Vec<u8>> {
     let token = Token::of(file)?;
-    let map = Mapped::new(file)?;
-    Ok(signature_of(&map, token))
+    let len = usize::try_from(token.size).context("file too large")?;
+    let bs = block_size(len as u64) as usize;
+    let mut out = header(len, bs, token);
+    // A whole number of blocks, so each window starts on a block.
+    let window = WINDOW.max(bs);
+    let mut buf = vec![0u8; window.min(len)];
+    let mut at = 0;
+    while at < len {
+        let n = window.min(len - at);
+        match file.read_exact_at(&mut buf[..n], at as u64) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => bail!(CHANGED),
+            r => r.context("cannot read the old file")?,
+        }
+        let first = HEADER + at / bs * ENTRY;
+        let sums = &mut out[first..first + n.div_ceil(bs) * ENTRY];
+        sum_parallel(&buf[..n], at, bs, sums);
+        at += n;
+    }
+    if Token::of(file)? != token {
+        bail!(CHANGED);
+    }
+    Ok(out)
 }
 
-/// The signature of `data`, which `token` identifies. Large files are summed on several
-/// threads, each over its own run of blocks.
-pub fn signature_of(data: &[u8], token: Token) -> Vec<u8> {
-    let bs = block_size(data.len() as u64) as usize;
-    let blocks = data.len().div_ceil(bs);
+/// Bytes of a basis read at a time for its signature.
+const WINDOW: usize = 16 << 20;
+
+/// The header, and room for the sums of every block.
+fn header(len: usize, bs: usize, token: Token) -> Vec<u8> {
+    let blocks = len.div_ceil(bs);
     let mut out = Vec::with_capacity(HEADER + blocks * ENTRY);
     out.push(VERSION);
     out.extend_from_slice(&(bs as u32).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(len as u64).to_le_bytes());
     out.extend_from_slice(&token.to_bytes());
     out.resize(HEADER + blocks * ENTRY, 0);
+    out
+}
+
+/// The signature of `data`, which `token` identifies.
+#[cfg(test)]
+pub fn signature_of(data: &[u8], token: Token) -> Vec<u8> {
+    let bs = block_size(data.len() as u64) as usize;
+    let mut out = header(data.len(), bs, token);
+    sum_parallel(data, 0, bs, &mut out[HEADER..]);
+    out
+}
+
+/// Sum the blocks of `data`, which starts at `offset` in its file, into `out`. Large runs are
+/// summed on several threads, each over its own run of blocks.
+fn sum_parallel(data: &[u8], offset: usize, bs: usize, out: &mut [u8]) {
+    let blocks = data.len().div_ceil(bs);
     let threads = if data.len() < 16 << 20 {
         1
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     };
     let per = blocks.div_ceil(threads).max(1);
-    let mut runs = out[HEADER..]
+    let mut runs = out
         .chunks_mut(per * ENTRY)
         .zip(data.chunks(per * bs))
         .enumerate();
     let first = runs.next();
     std::thread::scope(|s| {
         for (i, (sums, src)) in runs {
-            s.spawn(move || sum_blocks(src, i * per * bs, bs, sums));
+            s.spawn(move || sum_blocks(src, offset + i * per * bs, bs, sums));
         }
         if let Some((_, (sums, src))) = first {
-            sum_blocks(src, 0, bs, sums);
+            sum_blocks(src, offset, bs, sums);
         }
     });
-    out
 }
 
 /// Sum the blocks of `data`, which starts at `offset` in its file.
