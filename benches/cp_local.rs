@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use vtun::link::{Link as Opener, RemoteIo, Subprocess};
+use vtun::link::{Link, RemoteIo, Subprocess};
 use vtun::progress::Progress;
 use vtun::transfer::{Engine, Fs, Options, RemoteFs};
 
@@ -44,7 +44,7 @@ fn write_random(path: &Path, len: usize) -> Result<()> {
 }
 
 fn remote(parallel: usize) -> Result<Fs> {
-    let opener: Arc<dyn Opener> = Arc::new(Subprocess::new()?);
+    let opener: Arc<dyn Link> = Arc::new(Subprocess::new()?);
     Ok(Fs::Remote(Arc::new(RemoteFs::new(opener, parallel))))
 }
 
@@ -56,7 +56,7 @@ struct Wan {
 
 const WINDOW: usize = 2 << 20;
 
-impl Opener for Wan {
+impl Link for Wan {
     fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
         Box::pin(async move {
             let io = self.inner.sftp().await?;
@@ -118,7 +118,7 @@ where
 }
 
 fn wan(parallel: usize, one_way: Duration) -> Result<Fs> {
-    let opener: Arc<dyn Opener> = Arc::new(Wan {
+    let opener: Arc<dyn Link> = Arc::new(Wan {
         inner: Subprocess::new()?,
         one_way,
     });

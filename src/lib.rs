@@ -5,8 +5,10 @@
 //! through which everything opens its streams on a VM, `cmd` turns a subcommand's flags into
 //! typed options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `gateway`) take them.
 
+pub mod agent;
 pub mod cli;
 pub mod cmd;
+pub mod delta;
 pub mod error;
 pub mod exec;
 pub mod fs;

@@ -1,5 +1,5 @@
 //! `vtun sync` end to end on one machine: the "remote" side is the real `vtun agent` binary run
-//! as a local process through [`LocalConnector`]-style openers, on local paths. Openers here can
+//! as a local process through [`LocalConnector`]-style links, on local paths. Links here can
 //! prefix the remote command (shell noise, a different PATH or HOME) or cut the stream, to
 //! exercise discovery, upload and failure handling without a network.
 
@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use vtun::cli::{Cli, Command};
-use vtun::link::{Connector, Link as Opener, RemoteIo, Subprocess};
+use vtun::link::{Connector, Link, RemoteIo, Subprocess};
 use vtun::target::Host;
 
 fn bin() -> PathBuf {
@@ -46,13 +46,13 @@ impl Local {
     }
 }
 
-struct LocalOpener {
+struct LocalLink {
     inner: Subprocess,
     prefix: String,
     cut_after: Option<usize>,
 }
 
-impl Opener for LocalOpener {
+impl Link for LocalLink {
     fn sftp(&self) -> BoxFuture<'_, anyhow::Result<Box<dyn RemoteIo>>> {
         self.inner.sftp()
     }
@@ -72,9 +72,9 @@ impl Opener for LocalOpener {
 }
 
 impl Connector for Local {
-    fn connect<'a>(&'a self, _host: &'a Host) -> BoxFuture<'a, anyhow::Result<Arc<dyn Opener>>> {
+    fn connect<'a>(&'a self, _host: &'a Host) -> BoxFuture<'a, anyhow::Result<Arc<dyn Link>>> {
         Box::pin(async move {
-            let o: Arc<dyn Opener> = Arc::new(LocalOpener {
+            let o: Arc<dyn Link> = Arc::new(LocalLink {
                 inner: Subprocess::new()?,
                 prefix: self.prefix.clone(),
                 cut_after: self.cut_after,
@@ -525,7 +525,7 @@ fn crafted_listing_with_dotdot_is_refused() {
     if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
         return;
     }
-    use vtun::sync::protocol::{hello, Msg};
+    use vtun::agent::protocol::{hello, Msg};
     use vtun::sync::tree::{Entry, EntryKind, RelPath};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -548,7 +548,7 @@ fn crafted_listing_with_dotdot_is_refused() {
             let at = body.windows(2).position(|w| w == b"ab").unwrap();
             body[at..at + 2].copy_from_slice(b"..");
             loop {
-                let Ok(m) = vtun::sync::protocol::read_msg(&mut theirs).await else {
+                let Ok(m) = vtun::agent::protocol::read_msg(&mut theirs).await else {
                     return;
                 };
                 match m {
@@ -565,7 +565,7 @@ fn crafted_listing_with_dotdot_is_refused() {
                 }
             }
         });
-        let mut ep = vtun::sync::remote::AgentEndpoint::over(Box::new(ours), "/tmp")
+        let mut ep = vtun::agent::AgentEndpoint::over(Box::new(ours), "/tmp")
             .await
             .unwrap();
         use vtun::sync::endpoint::Endpoint;
@@ -834,7 +834,7 @@ fn raw_frame(tag: u8, body: &[u8]) -> Vec<u8> {
 #[test]
 fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use vtun::sync::protocol::{hello, Msg};
+    use vtun::agent::protocol::{hello, Msg};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t = tempfile::tempdir().unwrap();
     let root = t.path().to_str().unwrap().to_string();
@@ -854,7 +854,7 @@ fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
         let err = rt.block_on(async move {
             let (ours, theirs) = tokio::io::duplex(1 << 16);
             let (tr, tw) = tokio::io::split(theirs);
-            let agent = tokio::spawn(vtun::sync::agent::serve(tr, tw));
+            let agent = tokio::spawn(vtun::agent::serve::serve(tr, tw));
             let (mut r, mut w) = tokio::io::split(ours);
             let mut h = [0u8; 16];
             r.read_exact(&mut h).await.unwrap();
@@ -872,8 +872,8 @@ fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
 
 #[test]
 fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
+    use vtun::agent::protocol::{hello, Msg};
     use vtun::sync::endpoint::Endpoint;
-    use vtun::sync::protocol::{hello, Msg};
     use vtun::sync::tree::RelPath;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -883,7 +883,7 @@ fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
             theirs.write_all(&hello()).await.unwrap();
             let mut h = [0u8; 16];
             theirs.read_exact(&mut h).await.unwrap();
-            while let Ok(Some((m, _))) = vtun::sync::protocol::read_msg(&mut theirs).await {
+            while let Ok(Some((m, _))) = vtun::agent::protocol::read_msg(&mut theirs).await {
                 if let Msg::Signatures(_) = m {
                     // Sigs claiming four billion entries, in five bytes.
                     let mut body = u32::MAX.to_le_bytes().to_vec();
@@ -892,7 +892,7 @@ fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
                 }
             }
         });
-        let mut ep = vtun::sync::remote::AgentEndpoint::over(Box::new(ours), "/tmp")
+        let mut ep = vtun::agent::AgentEndpoint::over(Box::new(ours), "/tmp")
             .await
             .unwrap();
         let err = ep
@@ -927,7 +927,7 @@ fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
         .collect();
     let old = t.path().join("old");
     write(&old, &data[..1 << 20]);
-    let sig = vtun::sync::delta::signature(&std::fs::File::open(&old).unwrap()).unwrap();
+    let sig = vtun::delta::signature(&std::fs::File::open(&old).unwrap()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     for signature in [None, Some(sig)] {
         let path = t.path().join("f");
@@ -973,7 +973,7 @@ fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
 /// pipelined frames) arrive complete and in order.
 #[test]
 fn requests_split_over_frames_arrive_complete() {
-    const { assert!(vtun::sync::protocol::REQUEST_ITEMS < 5000) };
+    const { assert!(vtun::agent::protocol::REQUEST_ITEMS < 5000) };
     let t = tempfile::tempdir().unwrap();
     let (src, back, there) = (t.path().join("s"), t.path().join("b"), t.path().join("t"));
     for i in 0..5000 {

@@ -21,7 +21,7 @@ use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use vtun::cli::{Cli, Command};
-use vtun::link::{Connector, Link as Opener, LocalConnector, RemoteIo, Subprocess};
+use vtun::link::{Connector, Link, LocalConnector, RemoteIo, Subprocess};
 use vtun::settings::Settings;
 use vtun::target::Host;
 use vtun::transfer::cp::CpOptions;
@@ -330,7 +330,7 @@ async fn completed_sources_stay_when_another_fails() {
 /// Runs sftp-server as `nobody`, so permission checks apply even when tests run as root.
 struct Nobody;
 
-impl Opener for Nobody {
+impl Link for Nobody {
     fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
         Box::pin(async move {
             let server = Subprocess::new()?.sftp_server;
@@ -358,9 +358,9 @@ impl Opener for Nobody {
 
 struct With<O>(Arc<O>);
 
-impl<O: Opener> Connector for With<O> {
-    fn connect<'a>(&'a self, _: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Opener>>> {
-        let o: Arc<dyn Opener> = self.0.clone();
+impl<O: Link> Connector for With<O> {
+    fn connect<'a>(&'a self, _: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Link>>> {
+        let o: Arc<dyn Link> = self.0.clone();
         Box::pin(async move { Ok(o) })
     }
 }
@@ -508,7 +508,7 @@ struct Cutting {
     stall: bool,
 }
 
-impl Opener for Cutting {
+impl Link for Cutting {
     fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
         Box::pin(async move {
             let io = self.inner.sftp().await?;
@@ -684,7 +684,7 @@ async fn serve_hostile(
     }
 }
 
-impl Opener for Hostile {
+impl Link for Hostile {
     fn sftp(&self) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
         let names = self.names.clone();
         Box::pin(async move {
@@ -752,7 +752,7 @@ async fn json_summary_counts_files_and_bytes() {
         },
         vtun::progress::Progress::hidden(),
     );
-    let opener: Arc<dyn Opener> = Arc::new(Subprocess::new().unwrap());
+    let opener: Arc<dyn Link> = Arc::new(Subprocess::new().unwrap());
     let fs = vtun::transfer::Fs::Remote(Arc::new(vtun::transfer::RemoteFs::new(opener, 2)));
     let errors = engine
         .copy_many(
@@ -784,7 +784,7 @@ async fn bench_measures_and_removes_its_files() {
     if support::rerun_in_clean_env(&[]) {
         return;
     }
-    let opener: Arc<dyn Opener> = Arc::new(Subprocess::new().unwrap());
+    let opener: Arc<dyn Link> = Arc::new(Subprocess::new().unwrap());
     let home_before = entries(Path::new("."));
     let r = vtun::transfer::bench::measure(opener, 3 << 20, 2, std::time::Duration::ZERO)
         .await

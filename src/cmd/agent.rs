@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use super::Runtime;
-use crate::sync::agent;
+use crate::agent::serve as agent;
 
 pub fn run() -> Result<u8> {
     if std::env::var_os("VTUN_AGENT_PROBE").is_some() {

@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::delta;
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK, VANISHED};
 use super::tree::{self, ListOpts, Listing, RelPath};
 use super::write;
+use crate::delta;
 use crate::fs::read_chunk_at;
 
 /// A sync root on the local file system.

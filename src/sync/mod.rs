@@ -1,10 +1,10 @@
 //! `vtun sync`: rsync-style sync with delta transfer.
 //!
-//! The pieces: `pattern` (exclude rules), `tree` (listings), `plan` (what to change), `delta`
-//! (signatures and deltas), `endpoint` (one interface for both sides), `local` (a directory on
-//! this machine), `protocol`/`agent` (the same endpoint served over stdin/stdout by
-//! `vtun agent`), `remote` (finding or uploading the agent and talking to it), `engine` (runs a
-//! plan between two endpoints).
+//! The pieces: `pattern` (exclude rules), `tree` (listings), `plan` (what to change),
+//! `endpoint` (one interface for both sides), `local` (a directory on this machine), `sftp` (a
+//! remote root over plain SFTP, when no agent can run), `engine` (runs a plan between two
+//! endpoints). The remote side with an agent is `crate::agent`; file contents move as deltas
+//! made by `crate::delta`; writes go through `crate::fs`.
 //!
 //! A run that syncs all it can but not everything fails with [`Partial`], which `vtun sync`
 //! turns into rsync's exit status: 23 when some entries failed, 24 when the only failures were
@@ -15,15 +15,11 @@
 //! is the file uploaded when the remote has no agent (default: this executable);
 //! `VTUN_AGENT_PROBE=1 vtun agent` prints the agent protocol version and exits.
 
-pub mod agent;
-pub mod delta;
 pub mod endpoint;
 pub mod engine;
 pub mod local;
 pub mod pattern;
 pub mod plan;
-pub mod protocol;
-pub mod remote;
 pub mod sftp;
 pub mod tree;
 pub mod write;
@@ -200,7 +196,7 @@ async fn open(
     };
     let opener: Arc<dyn crate::link::Link> = connector.connect(host).await?;
     if !no_agent {
-        match remote::AgentEndpoint::start(&opener, &root).await {
+        match crate::agent::AgentEndpoint::start(&opener, &root).await {
             Ok(ep) => return Ok(Box::new(ep)),
             Err(e) => {
                 // Whatever kept the agent away (another platform, no shell, a failed upload),

@@ -25,7 +25,7 @@ use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
 use super::pattern::Excludes;
 use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
 use crate::fs::{temp, Kind, Meta};
-use crate::link::Link as Opener;
+use crate::link::Link;
 use crate::transfer::fs::{Fs, Reader, Writer};
 use crate::transfer::RemoteFs;
 
@@ -36,7 +36,7 @@ const IN_FLIGHT: usize = 64;
 
 /// A sync root on a remote host, reached over SFTP only.
 pub struct SftpEndpoint {
-    opener: Arc<dyn Opener>,
+    opener: Arc<dyn Link>,
     fs: Fs,
     root: PathBuf,
     wire: u64,
@@ -45,7 +45,7 @@ pub struct SftpEndpoint {
 impl SftpEndpoint {
     /// Open an SFTP stream to `opener`'s host for `root` (relative paths are from the home
     /// directory, where the SFTP server starts).
-    pub async fn open(opener: Arc<dyn Opener>, root: &str) -> Result<SftpEndpoint> {
+    pub async fn open(opener: Arc<dyn Link>, root: &str) -> Result<SftpEndpoint> {
         let remote = Arc::new(RemoteFs::new(opener.clone(), 1));
         remote.client(0).await?;
         Ok(SftpEndpoint {

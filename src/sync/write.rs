@@ -16,9 +16,9 @@ use std::sync::{mpsc as mpsc_std, OnceLock};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
 
-use super::delta;
 use super::endpoint::{Op, Piece, RecvReport};
 use super::tree::RelPath;
+use crate::delta;
 
 /// How much written data `write_behind` lets pile up before it starts writeback.
 const WRITE_BEHIND: u64 = 8 << 20;

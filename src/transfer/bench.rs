@@ -15,7 +15,7 @@ use rand::RngCore;
 use super::engine::{Engine, Options};
 use super::fs::{Fs, RemoteFs};
 use crate::fs::Kind;
-use crate::link::{Connector, Link as Opener};
+use crate::link::{Connector, Link};
 use crate::progress::Progress;
 use crate::settings::Settings;
 
@@ -103,7 +103,7 @@ pub async fn bench(
 
 /// Measure through an already connected `opener` (`connect` is how long that took).
 pub async fn measure(
-    opener: Arc<dyn Opener>,
+    opener: Arc<dyn Link>,
     size: u64,
     parallel: usize,
     connect: Duration,

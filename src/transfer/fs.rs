@@ -20,7 +20,7 @@ use tokio::sync::OnceCell;
 use super::handle::attrs_for;
 pub use super::handle::{Reader, Writer};
 use crate::fs::{io_text, temp, Dir, FileTime, Kind, LocalReader, LocalWriter, Meta, Root};
-use crate::link::Link as Opener;
+use crate::link::Link;
 use crate::sftp::proto::{self, Attrs};
 use crate::sftp::{self, Sftp};
 
@@ -59,12 +59,12 @@ fn io_err(e: std::io::Error, what: &str) -> anyhow::Error {
 
 /// A remote host: its opener and a lazily opened pool of SFTP streams.
 pub struct RemoteFs {
-    opener: Arc<dyn Opener>,
+    opener: Arc<dyn Link>,
     slots: Vec<OnceCell<Sftp>>,
 }
 
 impl RemoteFs {
-    pub fn new(opener: Arc<dyn Opener>, streams: usize) -> RemoteFs {
+    pub fn new(opener: Arc<dyn Link>, streams: usize) -> RemoteFs {
         let slots = (0..streams.max(1)).map(|_| OnceCell::new()).collect();
         RemoteFs { opener, slots }
     }

@@ -24,7 +24,6 @@ mod rebuild;
 mod signature;
 mod weak;
 
-use crate::fs::FileTime;
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{Context, Result};
@@ -44,9 +43,26 @@ const OP_LITERAL: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
     size: u64,
-    mtime: FileTime,
+    mtime: Stamp,
     ino: u64,
-    ctime: FileTime,
+    ctime: Stamp,
+}
+
+/// A file time as the kernel gives it: seconds and nanoseconds (one i64 of nanoseconds would
+/// overflow past 2262). Only ever compared for equality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    secs: i64,
+    nsec: u32,
+}
+
+impl Stamp {
+    fn new(secs: i64, nsec: i64) -> Stamp {
+        Stamp {
+            secs,
+            nsec: nsec.clamp(0, 999_999_999) as u32,
+        }
+    }
 }
 
 impl Token {
@@ -56,20 +72,20 @@ impl Token {
         let m = file.metadata().context("cannot stat the old file")?;
         Ok(Token {
             size: m.size(),
-            mtime: FileTime::mtime_of(&m),
+            mtime: Stamp::new(m.mtime(), m.mtime_nsec()),
             ino: m.ino(),
-            ctime: FileTime::ctime_of(&m),
+            ctime: Stamp::new(m.ctime(), m.ctime_nsec()),
         })
     }
 
     fn to_bytes(self) -> [u8; Token::LEN] {
         let mut b = [0; Token::LEN];
         b[..8].copy_from_slice(&self.size.to_le_bytes());
-        b[8..16].copy_from_slice(&self.mtime.secs().to_le_bytes());
-        b[16..20].copy_from_slice(&self.mtime.nsec().to_le_bytes());
+        b[8..16].copy_from_slice(&self.mtime.secs.to_le_bytes());
+        b[16..20].copy_from_slice(&self.mtime.nsec.to_le_bytes());
         b[20..28].copy_from_slice(&self.ino.to_le_bytes());
-        b[28..36].copy_from_slice(&self.ctime.secs().to_le_bytes());
-        b[36..].copy_from_slice(&self.ctime.nsec().to_le_bytes());
+        b[28..36].copy_from_slice(&self.ctime.secs.to_le_bytes());
+        b[36..].copy_from_slice(&self.ctime.nsec.to_le_bytes());
         b
     }
 
@@ -79,11 +95,11 @@ impl Token {
                 .and_then(|s| s.try_into().ok())
                 .context("basis token too short")
         }
-        let time = |i: usize| -> Result<FileTime> {
-            Ok(FileTime::new(
-                i64::from_le_bytes(field(b, i)?),
-                u32::from_le_bytes(field(b, i + 8)?),
-            ))
+        let time = |i: usize| -> Result<Stamp> {
+            Ok(Stamp {
+                secs: i64::from_le_bytes(field(b, i)?),
+                nsec: u32::from_le_bytes(field(b, i + 8)?),
+            })
         };
         Ok(Token {
             size: u64::from_le_bytes(field(b, 0)?),
@@ -119,9 +135,12 @@ mod tests {
 
     const TOKEN: Token = Token {
         size: 1,
-        mtime: FileTime::from_secs(10_413_792_000),
+        mtime: Stamp {
+            secs: 10_413_792_000,
+            nsec: 0,
+        },
         ino: 3,
-        ctime: FileTime::new(-4, 5),
+        ctime: Stamp { secs: -4, nsec: 5 },
     };
 
     fn sig(old: &[u8]) -> Vec<u8> {

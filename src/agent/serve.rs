@@ -13,10 +13,10 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
-use super::endpoint::{Endpoint, Piece, RecvReport};
-use super::local::LocalEndpoint;
 use super::protocol::{hello, read_msg, write_listing, write_msg, Msg, MAX_SIG, PROTO};
-use super::tree::RelPath;
+use crate::sync::endpoint::{Endpoint, Piece, RecvReport};
+use crate::sync::local::LocalEndpoint;
+use crate::sync::tree::RelPath;
 
 /// The line `VTUN_AGENT_PROBE=1 vtun agent` prints.
 pub fn probe_line() -> String {

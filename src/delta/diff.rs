@@ -9,6 +9,7 @@
 //! new file's BLAKE3, mostly from values it computed anyway (see `filehash`).
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 use anyhow::{bail, Context, Result};
 use blake3::hazmat::ChainingValue;
@@ -17,7 +18,6 @@ use super::filehash::{chaining_value, FileHash};
 use super::signature::{strong, Index, Signature};
 use super::weak::Rolling;
 use super::{OP_COPY, OP_LITERAL, VERSION};
-use crate::fs::read_chunk_at;
 
 /// Longest copy run: a piece goes out at least this often while the file is unchanged.
 const RUN_MAX: u64 = 8 << 20;
@@ -102,13 +102,20 @@ impl Source for &[u8] {
 
 impl Source for File {
     fn append(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> Result<()> {
-        // Into fresh capacity, then one copy: zero-filling the window first would cost more.
-        let chunk = read_chunk_at(self, offset, len).context("cannot read the file")?;
-        if chunk.len() < len {
-            bail!(CHANGED);
+        // Straight into the window's own (reused) buffer: a fresh multi-MiB allocation per
+        // window would be page-faulted in anew each time, then copied.
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        match self.read_exact_at(&mut buf[start..], offset) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                buf.truncate(start);
+                match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => bail!(CHANGED),
+                    _ => Err(e).context("cannot read the file"),
+                }
+            }
         }
-        buf.extend_from_slice(&chunk);
-        Ok(())
     }
 }
 

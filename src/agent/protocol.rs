@@ -19,9 +19,9 @@ use crate::fs::FileTime;
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::delta::MAX_PIECE;
-use super::endpoint::{Op, Piece, RecvReport, SendReq, CHUNK};
-use super::tree::{Entry, EntryKind, ListOpts, RelPath};
+use crate::delta::MAX_PIECE;
+use crate::sync::endpoint::{Op, Piece, RecvReport, SendReq, CHUNK};
+use crate::sync::tree::{Entry, EntryKind, ListOpts, RelPath};
 
 pub const MAGIC: &[u8; 12] = b"\x00vtun-agent\x00";
 /// Bump on any incompatible change; agents of another version are not used.
