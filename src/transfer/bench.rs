@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
 
-use super::engine::{Engine, Options};
+use super::file::{Engine, Options};
 use super::fs::{Fs, RemoteFs};
 use crate::fs::Kind;
 use crate::link::{Connector, Link};

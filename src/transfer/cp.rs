@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use super::engine::{Engine, Options};
+use super::file::{Engine, Options};
 use super::fs::{Fs, RemoteFs};
 use crate::error::Failure;
 use crate::link::Connector;

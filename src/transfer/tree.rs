@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::engine::Engine;
+use super::file::Engine;
 use super::fs::Fs;
 use crate::fs::{Kind, Meta, Root};
 use std::sync::Arc;
