@@ -180,13 +180,13 @@ fn check_data_len(got: usize, asked: u32) -> Result<()> {
     Ok(())
 }
 
-/// A listing name must name one entry inside the directory listed.
+/// A listing name must name one entry inside the directory listed (the rule in
+/// `crate::fs::beneath`, which local writes use too), and be no longer than a name can be.
 fn check_name(name: &[u8]) -> Result<()> {
-    let shown = || String::from_utf8_lossy(name).into_owned();
-    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+    if let Err(why) = crate::fs::beneath::check_name(name) {
         bail!(
-            "refusing unsafe name {:?} (it would escape the destination)",
-            shown()
+            "refusing unsafe name {:?} ({why}: it would escape the destination)",
+            String::from_utf8_lossy(name)
         );
     }
     if name.len() > caps::NAME_LEN {
