@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::install::{self, Reader, Writer};
+use super::install::{self, FromAgent, ToAgent};
 use super::protocol::{
     expect_msg, hello, write_msg, Msg, MAX_ENTRIES, MAX_SIG, REQUEST_ITEMS, REQUEST_PART,
 };
@@ -19,8 +19,8 @@ use crate::sync::tree::{ListOpts, Listing, RelPath};
 
 /// A sync root served by a remote agent.
 pub struct AgentEndpoint {
-    r: Reader,
-    w: Writer,
+    r: FromAgent,
+    w: ToAgent,
     wire: u64,
     /// How to open another connection to the same root (for parallel transfers).
     again: Option<(Arc<dyn Link>, String)>,
@@ -40,8 +40,8 @@ impl AgentEndpoint {
     }
 
     async fn open(
-        r: Reader,
-        w: Writer,
+        r: FromAgent,
+        w: ToAgent,
         root: &str,
         again: Option<(Arc<dyn Link>, String)>,
     ) -> Result<AgentEndpoint> {

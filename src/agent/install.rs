@@ -20,11 +20,11 @@ const NO_AGENT: &[u8] = b"\nVTUN-NO-AGENT ";
 /// How much shell noise we read before giving up on finding the agent.
 const MAX_NOISE: usize = 1 << 20;
 
-pub(super) type Reader = BufReader<ReadHalf<Box<dyn RemoteIo>>>;
-pub(super) type Writer = BufWriter<WriteHalf<Box<dyn RemoteIo>>>;
+pub(super) type FromAgent = BufReader<ReadHalf<Box<dyn RemoteIo>>>;
+pub(super) type ToAgent = BufWriter<WriteHalf<Box<dyn RemoteIo>>>;
 
 /// Buffers around an agent stream: large enough that a frame rarely costs two syscalls.
-fn buffered(io: Box<dyn RemoteIo>) -> (Reader, Writer) {
+fn buffered(io: Box<dyn RemoteIo>) -> (FromAgent, ToAgent) {
     let (r, w) = tokio::io::split(io);
     (
         BufReader::with_capacity(256 * 1024, r),
@@ -34,7 +34,7 @@ fn buffered(io: Box<dyn RemoteIo>) -> (Reader, Writer) {
 
 /// Start (or upload and start) the agent on `link`'s host: returns its stream once the agent
 /// has said who it is.
-pub(super) async fn launch(link: &dyn Link) -> Result<(Reader, Writer)> {
+pub(super) async fn launch(link: &dyn Link) -> Result<(FromAgent, ToAgent)> {
     let override_path = std::env::var("VTUN_AGENT_PATH").ok();
     let io = link
         .exec(&discovery_script(override_path.as_deref()))
@@ -77,7 +77,7 @@ pub(super) async fn launch(link: &dyn Link) -> Result<(Reader, Writer)> {
 }
 
 /// An agent already started on `io` (tests, or a stream set up elsewhere).
-pub(super) async fn attach(io: Box<dyn RemoteIo>) -> Result<(Reader, Writer)> {
+pub(super) async fn attach(io: Box<dyn RemoteIo>) -> Result<(FromAgent, ToAgent)> {
     let (mut r, w) = buffered(io);
     match scan(&mut r).await? {
         Found::Agent => Ok((r, w)),
@@ -143,7 +143,7 @@ enum Found {
 }
 
 /// Skip shell noise until the agent's magic or the script's no-agent marker.
-async fn scan(r: &mut Reader) -> Result<Found> {
+async fn scan(r: &mut FromAgent) -> Result<Found> {
     let mut tail: Vec<u8> = Vec::new();
     let mut seen = 0usize;
     loop {
