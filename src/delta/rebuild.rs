@@ -21,10 +21,10 @@ const THREAD_MIN: u64 = 4 << 20;
 
 pub struct Rebuild {
     parser: Parser,
-    out: Writeback,
+    out: Output,
 }
 
-struct Writeback {
+struct Output {
     basis: File,
     token: Token,
     hash: Hashing,
@@ -82,7 +82,7 @@ impl Rebuild {
         };
         Ok(Rebuild {
             parser,
-            out: Writeback {
+            out: Output {
                 basis,
                 token,
                 hash,
@@ -106,7 +106,7 @@ impl Rebuild {
     /// not to have changed while it was read; and the basis, still open.
     pub fn finish(self) -> Result<([u8; 32], File), ApplyError> {
         self.parser.finish()?;
-        let Writeback {
+        let Output {
             basis, token, hash, ..
         } = self.out;
         let hash = match hash {
@@ -143,7 +143,7 @@ fn hash_jobs(basis: &File, rx: mpsc::Receiver<Job>) -> Option<[u8; 32]> {
 }
 
 struct Sink<'a> {
-    w: &'a mut Writeback,
+    w: &'a mut Output,
     out: &'a File,
 }
 
