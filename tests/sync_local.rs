@@ -770,3 +770,78 @@ fn host_that_cannot_run_the_agent_falls_back_to_sftp() {
     let again = sync_with(&conn, &["-i", &slash(&src), &remote(&dst)]).unwrap();
     assert_eq!(again, Vec::<String>::new());
 }
+
+/// `--exclude '**/x.txt'` once kept a top-level `x.txt`; rsync excludes it (a pattern starting
+/// with `**` also matches at the top), and `dir/***` never excludes a file named `dir`.
+#[test]
+fn exclude_double_star_slash_also_matches_at_the_top() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    for f in [
+        "x.txt",
+        "a/x.txt",
+        "a/b/x.txt",
+        "ax.txt",
+        "dir/in",
+        "sub/dir",
+    ] {
+        write(&src.join(f), b"x");
+    }
+    let dst = t.path().join("d");
+    sync(&[
+        "--exclude",
+        "**/x.txt",
+        "--exclude",
+        "dir/***",
+        &slash(&src),
+        &remote(&dst),
+    ]);
+    let got: Vec<String> = digest(&dst)
+        .into_iter()
+        .filter(|(_, v)| v.starts_with("file"))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(got, ["ax.txt", "sub/dir"]);
+}
+
+/// A file `--size-only` (or `-c`) skips once kept its old mtime and mode; `rsync -a` sets both and
+/// itemizes `.f..t......` / `.f...p.....`.
+#[test]
+fn size_only_and_checksum_skips_still_set_mtime_and_mode() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("f"), b"aaaa");
+    write(&src.join("g"), b"cccc");
+    set_mtime(&src.join("f"), 1_200_000_000);
+    set_mtime(&src.join("g"), 1_200_000_000);
+    let (s, d) = (slash(&src), remote(&dst));
+    sync(&[&s, &d]);
+    write(&dst.join("f"), b"bbbb");
+    set_mtime(&dst.join("f"), 1_300_000_000);
+    std::fs::set_permissions(dst.join("g"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        sync(&["-i", "--size-only", &s, &d]),
+        [".f..t...... f", ".f...p..... g"]
+    );
+    assert_eq!(
+        std::fs::read(dst.join("f")).unwrap(),
+        b"bbbb",
+        "content kept"
+    );
+    let mut want = digest(&src);
+    let mut got = digest(&dst);
+    want.remove("f");
+    got.remove("f");
+    assert_eq!(got, want);
+    let m = std::fs::metadata(dst.join("f")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_200_000_000, 123_456_789));
+    // -c: same content, other mtime: only the time is set.
+    write(&dst.join("g"), b"cccc");
+    set_mtime(&dst.join("g"), 1_300_000_000);
+    std::fs::set_permissions(dst.join("g"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        sync(&["-i", "-c", &s, &d]),
+        [">fc........ f", ".f..t...... g"]
+    );
+    assert_eq!(digest(&dst), digest(&src));
+}

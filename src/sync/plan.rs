@@ -1,7 +1,8 @@
 //! Compare a source and a destination listing and decide what to do, rsync style.
 //!
 //! Quick check: a file whose size and mtime (to the nanosecond, since both are preserved) match is
-//! skipped; `-c` compares content hashes, `--size-only` sizes. Directory metadata is applied last,
+//! skipped; `-c` compares content hashes, `--size-only` sizes. A file those checks skip still gets
+//! the source's mode and mtime (`.f..tp.....`), as with `rsync -a`. Directory metadata is applied last,
 //! because writing into a directory changes its mtime; that is why every directory whose contents
 //! change gets its mtime set again even when it is not itemized.
 
@@ -152,7 +153,9 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                         update: true,
                         flags,
                     });
-                } else if perms || (time && !opts.size_only) {
+                } else if perms || time {
+                    // rsync sets the mode and mtime of a file it skips, whichever check skipped
+                    // it: `--size-only` and `-c` decide whether to send, not what to keep.
                     creates.push(Action::Meta {
                         entry: s.clone(),
                         flags,
@@ -334,7 +337,7 @@ mod tests {
             size_only: true,
             ..PlanOpts::default()
         };
-        assert!(plan(&src, &dst, so).actions.is_empty());
+        assert_eq!(lines(&plan(&src, &dst, so)), [".f..t...... x"]);
         let mut s = f("x", 3, 5);
         s.hash = Some([1; 32]);
         let mut t = f("x", 3, 5);
@@ -359,6 +362,42 @@ mod tests {
         assert!(plan(&src, &[f("x", 3, secs)], PlanOpts::default())
             .actions
             .is_empty());
+    }
+
+    /// The strings `rsync -a -i` prints (3.x) when `--size-only` or `-c` skip the content.
+    #[test]
+    fn skipped_files_still_get_mode_and_mtime() {
+        let mut s = f("x", 3, 5);
+        s.mode = 0o755;
+        s.hash = Some([1; 32]);
+        let mut same = f("x", 3, 6);
+        same.hash = Some([1; 32]);
+        let so = PlanOpts {
+            size_only: true,
+            ..PlanOpts::default()
+        };
+        let c = PlanOpts {
+            checksum: true,
+            ..PlanOpts::default()
+        };
+        assert_eq!(
+            lines(&plan(&[s.clone()], &[same.clone()], so)),
+            [".f..tp..... x"]
+        );
+        assert_eq!(
+            lines(&plan(&[s.clone()], &[same.clone()], c)),
+            [".f..tp..... x"]
+        );
+        same.mode = 0o755;
+        assert_eq!(
+            lines(&plan(&[s.clone()], &[same.clone()], c)),
+            [".f..t...... x"]
+        );
+        same.mtime = s.mtime;
+        same.mode = 0o600;
+        assert_eq!(lines(&plan(&[s.clone()], &[same], so)), [".f...p..... x"]);
+        let p = plan(&[s.clone()], &[f("x", 3, 6)], so);
+        assert!(matches!(&p.actions[..], [Action::Meta { entry, .. }] if *entry == s));
     }
 
     #[test]
