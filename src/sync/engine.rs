@@ -86,6 +86,7 @@ pub async fn run(
     }
     let popts = PlanOpts {
         mtime_seconds: o.plan.mtime_seconds || sl.mtime_seconds || dl.mtime_seconds,
+        keep_excluded: !o.excludes.is_empty() && !o.delete_excluded,
         ..o.plan
     };
     let p = plan(&sl.entries, &dl.entries, popts);
@@ -257,7 +258,8 @@ pub async fn run(
             }
             Action::Meta { entry, .. } if !entry.is_dir() => ops.push(Op::SetMeta {
                 path: entry.path.clone(),
-                mode: Some(entry.mode),
+                // A link has no mode of its own to set (chmod would follow it).
+                mode: (!matches!(entry.kind, Kind::Symlink { .. })).then_some(entry.mode),
                 mtime: Some(entry.mtime),
             }),
             _ => {}

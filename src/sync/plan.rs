@@ -1,7 +1,7 @@
 //! Compare a source and a destination listing and decide what to do, rsync style.
 //!
-//! Quick check: a file whose size and mtime (to the nanosecond, since both are preserved) match is
-//! skipped; `-c` compares content hashes, `--size-only` sizes. A file those checks skip still gets
+//! Quick check, as rsync's default (`--modify-window=0`): a file whose size and mtime to the second
+//! match is skipped (mtimes are still kept to the nanosecond when a file is written); `-c` compares content hashes, `--size-only` sizes. A file those checks skip still gets
 //! the source's mode and mtime (`.f..tp.....`), as with `rsync -a`. Directory metadata is applied last,
 //! because writing into a directory changes its mtime; that is why every directory whose contents
 //! change gets its mtime set again even when it is not itemized.
@@ -15,8 +15,11 @@ pub struct PlanOpts {
     pub checksum: bool,
     pub size_only: bool,
     pub delete: bool,
-    /// One side only knows mtimes to the second (SFTP): compare seconds.
+    /// One side is plain SFTP, which only knows mtimes to the second and cannot set a symlink's
+    /// own mtime: a link whose only difference is its time is left alone.
     pub mtime_seconds: bool,
+    /// The destination listing leaves out excluded entries, which deletions must keep.
+    pub keep_excluded: bool,
 }
 
 /// One itemized change, in the order it is carried out.
@@ -35,11 +38,13 @@ pub enum Action {
         update: bool,
         flags: Flags,
     },
+    /// Create or replace a symlink; `time` when an existing link's mtime differs.
     Symlink {
         entry: Entry,
         new: bool,
+        time: bool,
     },
-    /// Mode or mtime only.
+    /// Mode or mtime only (a symlink: mtime only).
     Meta {
         entry: Entry,
         flags: Flags,
@@ -89,10 +94,26 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
         );
         let d = match d {
             Some(d) if !same_kind => {
+                let recursive = d.is_dir() && !opts.keep_excluded;
+                if d.is_dir() && !recursive {
+                    // Only what the listing shows may go; an excluded entry inside keeps the
+                    // directory, and the new entry then cannot take its place (rsync: "could
+                    // not make way").
+                    for c in dst
+                        .iter()
+                        .filter(|c| c.path != d.path && c.path.starts_with(&d.path))
+                    {
+                        deletes.push(Action::Delete {
+                            path: c.path.clone(),
+                            is_dir: c.is_dir(),
+                            recursive: false,
+                        });
+                    }
+                }
                 deletes.push(Action::Delete {
                     path: d.path.clone(),
                     is_dir: d.is_dir(),
-                    recursive: d.is_dir(),
+                    recursive,
                 });
                 if d.is_dir() {
                     gone.push(d.path.clone());
@@ -102,7 +123,9 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
             other => other,
         };
         let perms = d.is_some_and(|d| d.mode != s.mode);
-        let time = d.is_some_and(|d| !d.mtime.same_as(s.mtime, opts.mtime_seconds));
+        // Whole seconds, as rsync compares by default: an mtime that differs only below the second
+        // is not a change, for files, directories and links alike.
+        let time = d.is_some_and(|d| !d.mtime.same_as(s.mtime, true));
         match (&s.kind, d) {
             (Kind::Dir, None) => {
                 touch(&s.path, &mut touched_dirs);
@@ -170,6 +193,16 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                     creates.push(Action::Symlink {
                         entry: s.clone(),
                         new: d.is_none(),
+                        time,
+                    });
+                } else if time && !opts.mtime_seconds {
+                    // rsync -a sets a link's own mtime (`.L..t......`).
+                    creates.push(Action::Meta {
+                        entry: s.clone(),
+                        flags: Flags {
+                            time,
+                            ..Flags::default()
+                        },
                     });
                 }
             }
@@ -225,6 +258,7 @@ pub fn itemize(a: &Action) -> String {
         match (&e.kind, e.path.is_root()) {
             (Kind::Dir, true) => "./".to_string(),
             (Kind::Dir, false) => format!("{}/", e.path),
+            (Kind::Symlink { target }, _) => format!("{} -> {target}", e.path),
             _ => e.path.to_string(),
         }
     }
@@ -239,16 +273,25 @@ pub fn itemize(a: &Action) -> String {
             ..
         } => format!(">f+++++++++ {}", name(entry)),
         Action::Transfer { entry, flags, .. } => format!(">f{} {}", cols(flags), name(entry)),
-        Action::Symlink { entry, new } => {
-            let target = match &entry.kind {
-                Kind::Symlink { target } => target.as_str(),
-                _ => "",
+        Action::Symlink { entry, new, time } => {
+            let cols = if *new {
+                "+++++++++".to_string()
+            } else {
+                // rsync marks a changed target in the checksum column.
+                cols(&Flags {
+                    checksum: true,
+                    time: *time,
+                    ..Flags::default()
+                })
             };
-            let cols = if *new { "+++++++++" } else { ".s......." };
-            format!("cL{cols} {} -> {target}", entry.path)
+            format!("cL{cols} {}", name(entry))
         }
         Action::Meta { entry, flags } => {
-            let t = if entry.is_dir() { 'd' } else { 'f' };
+            let t = match entry.kind {
+                Kind::Dir => 'd',
+                Kind::Symlink { .. } => 'L',
+                Kind::File { .. } => 'f',
+            };
             format!(".{t}{} {}", cols(flags), name(entry))
         }
     }
@@ -453,6 +496,44 @@ mod tests {
     }
 
     #[test]
+    fn type_change_keeps_excluded_entries_inside() {
+        let src = [d(""), f("x", 1, 1)];
+        let dst = [
+            d(""),
+            d("x"),
+            d("x/sub"),
+            f("x/sub/a", 1, 1),
+            f("x/b", 1, 1),
+        ];
+        let p = plan(
+            &src,
+            &dst,
+            PlanOpts {
+                delete: true,
+                keep_excluded: true,
+                ..PlanOpts::default()
+            },
+        );
+        assert_eq!(
+            lines(&p),
+            [
+                "*deleting   x/sub/a",
+                "*deleting   x/sub/",
+                "*deleting   x/b",
+                "*deleting   x/",
+                ">f+++++++++ x"
+            ]
+        );
+        assert!(p.actions.iter().all(|a| !matches!(
+            a,
+            Action::Delete {
+                recursive: true,
+                ..
+            }
+        )));
+    }
+
+    #[test]
     fn changed_symlink_is_replaced() {
         let s = e(
             "l",
@@ -465,8 +546,48 @@ mod tests {
             FileTime::from_secs(1),
         );
         assert_eq!(
-            lines(&plan(&[s], &[t], PlanOpts::default())),
-            ["cL.s....... l -> b"]
+            lines(&plan(
+                std::slice::from_ref(&s),
+                std::slice::from_ref(&t),
+                PlanOpts::default()
+            )),
+            ["cLc........ l -> b"]
         );
+        let mut old = t.clone();
+        old.mtime = FileTime::from_secs(9);
+        assert_eq!(
+            lines(&plan(std::slice::from_ref(&s), &[old], PlanOpts::default())),
+            ["cLc.t...... l -> b"]
+        );
+    }
+
+    /// What `rsync -a -i` does with a link whose target is the same but whose mtime is not.
+    #[test]
+    fn symlink_with_an_other_mtime_gets_its_time() {
+        let l = |secs| {
+            e(
+                "l",
+                Kind::Symlink { target: "t".into() },
+                FileTime::from_secs(secs),
+            )
+        };
+        assert_eq!(
+            lines(&plan(&[l(1)], &[l(2)], PlanOpts::default())),
+            [".L..t...... l -> t"]
+        );
+        let sftp = PlanOpts {
+            mtime_seconds: true,
+            ..PlanOpts::default()
+        };
+        assert!(plan(&[l(1)], &[l(2)], sftp).actions.is_empty());
+    }
+
+    #[test]
+    fn mtimes_differing_below_the_second_are_the_same() {
+        let a = FileTime::new(1_700_000_000, 1);
+        let b = FileTime::new(1_700_000_000, 999_999_999);
+        assert!(plan(&[f("x", 3, a)], &[f("x", 3, b)], PlanOpts::default())
+            .actions
+            .is_empty());
     }
 }
