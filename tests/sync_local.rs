@@ -845,3 +845,63 @@ fn size_only_and_checksum_skips_still_set_mtime_and_mode() {
     );
     assert_eq!(digest(&dst), digest(&src));
 }
+
+/// A file that replaces a directory once took the directory's excluded entries with it, and
+/// without `--delete` replaced a non-empty directory outright; rsync does neither (it needs
+/// `--delete` to empty it, keeps what is excluded, and reports that it could not make way).
+#[test]
+fn type_change_keeps_excluded_entries_and_needs_delete_to_empty_a_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("x"), b"now a file");
+    write(&src.join("other"), b"o");
+    write(&dst.join("x/keep.tmp"), b"excluded, so kept");
+    write(&dst.join("x/inner"), b"listed, so deleted");
+    let (s, d) = (slash(&src), remote(&dst));
+    let err = sync_with(&Local::on_path(), &[&s, &d]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("could not be synced"),
+        "{err:#}"
+    );
+    assert!(
+        dst.join("x/inner").exists(),
+        "nothing inside goes without --delete"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("other")).unwrap(),
+        b"o",
+        "the rest is synced"
+    );
+
+    let args = ["-i", "--delete", "--exclude", "*.tmp", &s, &d];
+    assert!(sync_with(&Local::on_path(), &args).is_err());
+    assert!(!dst.join("x/inner").exists());
+    assert!(dst.join("x/keep.tmp").exists());
+
+    std::fs::remove_file(dst.join("x/keep.tmp")).unwrap();
+    assert_eq!(
+        sync_with(&Local::on_path(), &args).unwrap(),
+        [">f+++++++++ x"],
+        "rsync itemizes the new file, not the directory it replaced"
+    );
+    assert_eq!(std::fs::read(dst.join("x")).unwrap(), b"now a file");
+}
+
+/// `-i` once printed a name with a newline as two lines; rsync escapes it as `\#012`.
+#[test]
+fn itemized_names_escape_control_characters_like_rsync() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("a\nb"), b"x");
+    std::os::unix::fs::symlink("t\rx", src.join("l")).unwrap();
+    let mut got = sync(&["-i", &slash(&src), &remote(&dst)]);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ">f+++++++++ a\\#012b",
+            "cL+++++++++ l -> t\\#015x",
+            "cd+++++++++ ./"
+        ]
+    );
+}

@@ -91,8 +91,7 @@ pub async fn run(
     };
     let p = plan(&sl.entries, &dl.entries, popts);
     let mut summary = Summary::default();
-    for a in &p.actions {
-        let line = itemize(a);
+    for line in p.actions.iter().filter_map(itemize) {
         emit(&line);
         summary.changes.push(line);
     }

@@ -30,6 +30,9 @@ pub enum Action {
         path: RelPath,
         is_dir: bool,
         recursive: bool,
+        /// Makes way for a source entry of another type. rsync itemizes what goes from inside
+        /// it, not the entry itself.
+        replaced: bool,
     },
     Mkdir(Entry),
     /// Send file content; `update` when the receiver has an old copy (a delta candidate).
@@ -94,11 +97,11 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
         );
         let d = match d {
             Some(d) if !same_kind => {
-                let recursive = d.is_dir() && !opts.keep_excluded;
-                if d.is_dir() && !recursive {
-                    // Only what the listing shows may go; an excluded entry inside keeps the
-                    // directory, and the new entry then cannot take its place (rsync: "could
-                    // not make way").
+                // As rsync: without --delete a non-empty directory is not replaced (rsync would
+                // need --force). With it, what the listing shows inside goes first, one by one;
+                // an excluded entry inside stays, which keeps the directory, and the new entry
+                // then cannot take its place (rsync: "could not make way").
+                if d.is_dir() && opts.delete {
                     for c in dst
                         .iter()
                         .filter(|c| c.path != d.path && c.path.starts_with(&d.path))
@@ -107,13 +110,15 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                             path: c.path.clone(),
                             is_dir: c.is_dir(),
                             recursive: false,
+                            replaced: false,
                         });
                     }
                 }
                 deletes.push(Action::Delete {
                     path: d.path.clone(),
                     is_dir: d.is_dir(),
-                    recursive,
+                    recursive: d.is_dir() && opts.delete && !opts.keep_excluded,
+                    replaced: true,
                 });
                 if d.is_dir() {
                     gone.push(d.path.clone());
@@ -222,6 +227,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                 path: d.path.clone(),
                 is_dir: d.is_dir(),
                 recursive: false,
+                replaced: false,
             });
         }
     }
@@ -243,8 +249,27 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
     Plan { actions, dir_meta }
 }
 
-/// The rsync `--itemize-changes` line for an action.
-pub fn itemize(a: &Action) -> String {
+/// A name as rsync prints it: a control character other than tab, and a backslash that would
+/// read as such an escape, become `\#ooo`, so that one change is always one line.
+fn escaped(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.char_indices() {
+        let looks_escaped = c == '\\'
+            && b.get(i + 1) == Some(&b'#')
+            && b.get(i + 2..i + 5)
+                .is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+        if (c < ' ' && c != '\t') || looks_escaped {
+            out.push_str(&format!("\\#{:03o}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The rsync `--itemize-changes` line for an action, if rsync prints one.
+pub fn itemize(a: &Action) -> Option<String> {
     fn cols(f: &Flags) -> String {
         format!(
             "{}{}{}{}.....",
@@ -255,15 +280,18 @@ pub fn itemize(a: &Action) -> String {
         )
     }
     fn name(e: &Entry) -> String {
+        let path = escaped(&e.path.to_string());
         match (&e.kind, e.path.is_root()) {
             (Kind::Dir, true) => "./".to_string(),
-            (Kind::Dir, false) => format!("{}/", e.path),
-            (Kind::Symlink { target }, _) => format!("{} -> {target}", e.path),
-            _ => e.path.to_string(),
+            (Kind::Dir, false) => format!("{path}/"),
+            (Kind::Symlink { target }, _) => format!("{path} -> {}", escaped(target)),
+            _ => path,
         }
     }
-    match a {
+    Some(match a {
+        Action::Delete { replaced: true, .. } => return None,
         Action::Delete { path, is_dir, .. } => {
+            let path = escaped(&path.to_string());
             format!("*deleting   {path}{}", if *is_dir { "/" } else { "" })
         }
         Action::Mkdir(e) => format!("cd+++++++++ {}", name(e)),
@@ -294,7 +322,7 @@ pub fn itemize(a: &Action) -> String {
             };
             format!(".{t}{} {}", cols(flags), name(entry))
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -331,7 +359,7 @@ mod tests {
         }
     }
     fn lines(p: &Plan) -> Vec<String> {
-        p.actions.iter().map(itemize).collect()
+        p.actions.iter().filter_map(itemize).collect()
     }
 
     #[test]
@@ -485,11 +513,24 @@ mod tests {
                 ..PlanOpts::default()
             },
         );
-        assert_eq!(lines(&p), ["*deleting   x/", ">f+++++++++ x"]);
+        assert_eq!(lines(&p), ["*deleting   x/inner", ">f+++++++++ x"]);
         assert!(matches!(
-            p.actions[0],
+            &p.actions[1],
             Action::Delete {
                 recursive: true,
+                replaced: true,
+                path,
+                ..
+            } if path.to_string() == "x"
+        ));
+        // Without --delete nothing inside goes, and the directory only if it is empty.
+        let p = plan(&src, &dst, PlanOpts::default());
+        assert_eq!(lines(&p), [">f+++++++++ x"]);
+        assert!(matches!(
+            &p.actions[0],
+            Action::Delete {
+                recursive: false,
+                replaced: true,
                 ..
             }
         ));
@@ -520,7 +561,6 @@ mod tests {
                 "*deleting   x/sub/a",
                 "*deleting   x/sub/",
                 "*deleting   x/b",
-                "*deleting   x/",
                 ">f+++++++++ x"
             ]
         );
@@ -531,6 +571,25 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    /// Checked against `rsync -ai` 3.x output.
+    #[test]
+    fn names_are_escaped_as_rsync_prints_them() {
+        assert_eq!(escaped("a\nb\rc\td\u{7f}é"), "a\\#012b\\#015c\td\u{7f}é");
+        assert_eq!(escaped("a\\#012b"), "a\\#134#012b");
+        assert_eq!(escaped("back\\slash \\#1"), "back\\slash \\#1");
+        let l = e(
+            "new\nline",
+            Kind::Symlink {
+                target: "tar\nget".into(),
+            },
+            FileTime::from_secs(1),
+        );
+        assert_eq!(
+            lines(&plan(&[l], &[], PlanOpts::default())),
+            ["cL+++++++++ new\\#012line -> tar\\#012get"]
+        );
     }
 
     #[test]
