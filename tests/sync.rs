@@ -256,7 +256,11 @@ fn agent_upload_agent_on_path_and_no_agent_give_identical_results() {
     assert_eq!(digest(&no_agent), want, "--no-agent");
     let again = sync(&bed, &["-i", "--no-agent", &slash(&src), &to_no_agent]);
     again.assert_ok();
-    assert_eq!(again.stdout_str(), "", "a --no-agent re-run changes nothing");
+    assert_eq!(
+        again.stdout_str(),
+        "",
+        "a --no-agent re-run changes nothing"
+    );
     // SFTP cannot set a link's own mtime; the agent can, and does it once, as rsync -a would.
     let args = ["-i", &slash(&src), &to_no_agent];
     let fix = sync(&bed, &args);
