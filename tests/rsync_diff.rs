@@ -20,15 +20,16 @@
 //! instead of the CI set, `VTUN_DIFF_KEEP_GOING=1` reports every failing seed instead of the
 //! first, `VTUN_DIFF_STRICT=1` also fails on the one known difference ([`known_difference`]),
 //! `VTUN_DIFF_NO_ITEMIZE=1` skips comparing `-i` output, `VTUN_DIFF_NAME_MAX=255` overrides the
-//! longest generated name, `VTUN_DIFF_KEEP=DIR` copies a failing seed's trees there.
+//! longest generated name, `VTUN_DIFF_KEEP=DIR` copies a failing seed's trees there,
+//! `VTUN_DIFF_NON_UTF8=1` and `VTUN_DIFF_SPECIAL=1` add what vtun knowingly skips.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -40,7 +41,7 @@ use support::*;
 const NAME_MAX: usize = 200;
 
 /// Seeds each test runs in CI: about 30 s for both directions at once on two busy cores.
-const CI_SEEDS: u64 = 10;
+const CI_SEEDS: u64 = 16;
 
 const ROUNDS: usize = 4;
 
@@ -101,8 +102,25 @@ fn name_max() -> usize {
         .clamp(16, 255)
 }
 
+/// `VTUN_DIFF_NON_UTF8=1`: also names that are not UTF-8, which vtun skips with a warning and
+/// rsync copies (off: a known limitation of vtun's listings).
+fn non_utf8_names() -> bool {
+    std::env::var_os("VTUN_DIFF_NON_UTF8").is_some()
+}
+
+/// `VTUN_DIFF_SPECIAL=1`: also FIFOs, which `rsync -a` (`-D`) copies and vtun skips with a
+/// warning (off: a known limitation).
+fn special_files() -> bool {
+    std::env::var_os("VTUN_DIFF_SPECIAL").is_some()
+}
+
 /// A name for a new entry: ordinary, hitting an exclude set, awkward, or long.
 fn name(rng: &mut Rng) -> OsString {
+    if non_utf8_names() && rng.chance(5) {
+        let mut v = b"latin1-\xe9t\xe9".to_vec();
+        v.extend(format!(".{}", rng.below(10)).bytes());
+        return OsString::from_vec(v);
+    }
     const PLAIN: &[&str] = &[
         "a", "b", "c1", "x.txt", "x1", "top", "top.cfg", "dir", "deep", "d1", "dd", "f.tmp",
         "keep~", ".git", ".hidden", "main.rs", "data.bin", "ab", "ba", "sub",
@@ -271,6 +289,12 @@ fn grow(rng: &mut Rng, dir: &Path, depth: u32, budget: &mut u32) {
                     set_mtime(&p, mtime(rng));
                 }
             }
+            9 if special_files() => {
+                let c = cpath(&p);
+                // SAFETY: `c` is a valid NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o640) }, 0, "mkfifo");
+                set_mtime(&p, mtime(rng));
+            }
             _ => make_link(rng, &p),
         }
     }
@@ -407,6 +431,8 @@ fn digest(root: &Path) -> BTreeMap<Vec<u8>, String> {
         let mode = m.permissions().mode() & 0o7777;
         if m.file_type().is_symlink() {
             format!("link -> {:?} mtime {t}", std::fs::read_link(p).unwrap())
+        } else if m.file_type().is_fifo() {
+            format!("fifo {mode:o} mtime {t}")
         } else if m.is_dir() {
             // To the second: rsync restores the mtime of a directory it wrote into only when it
             // differs from the source's to the second (its quick check), so a directory written
@@ -496,7 +522,9 @@ fn known_difference(src: &Path, dst: &Path, excludes: &[&str]) -> Option<String>
     let ex = vtun::sync::pattern::Excludes::new(&patterns).unwrap();
     for p in entries(src) {
         let rel = p.strip_prefix(src).unwrap();
-        let text = rel.to_str()?;
+        let Some(text) = rel.to_str() else {
+            continue;
+        };
         let is_dir_over_dir = p.symlink_metadata().unwrap().is_dir()
             || !dst.join(rel).symlink_metadata().is_ok_and(|m| m.is_dir());
         if is_dir_over_dir || ex.is_excluded(text, false) || !ex.is_excluded(text, true) {
