@@ -7,8 +7,8 @@
 //! same way (so deletes, exclude protection and the quick check meet a destination that drifted),
 //! and syncs it twice: `rsync -ai --delete SRC/ RSYNC/` locally and `vtun sync -i --delete`
 //! through the test bed, local→VM or VM→local (a VM's files live on this machine, so a VM path is
-//! a local directory). Plain, `-c` and `--size-only` rounds, rounds without `--delete` and several
-//! exclude sets are mixed. Then both must have succeeded or both failed, the two destinations must
+//! a local directory). Plain, `-c` and `--size-only` rounds, rounds with `--delete-excluded` or
+//! without `--delete` and several exclude sets are mixed. Then both must have succeeded or both failed, the two destinations must
 //! be identical (type, content hash, mode, mtime, link target, for every entry including
 //! directories and the root; file and link mtimes to the nanosecond, as rsync keeps them locally,
 //! directory mtimes to the second, see [`digest`]), and when both succeeded their `-i` lines must
@@ -578,14 +578,18 @@ fn run_seed(bed: &TestBed, dir: Direction, seed: u64) -> Result<Outcome, String>
         let flags = *rng.pick(FLAGS);
         // Mostly --delete; a round without it leaves extras behind and meets type changes that
         // rsync refuses without --force.
-        let delete = rng.chance(85);
+        let delete = match rng.below(20) {
+            0..=2 => "",
+            3..=4 => "--delete-excluded",
+            _ => "--delete",
+        };
         let case = format!(
-            "seed {seed} {dir:?} round {round}: delete {delete} flags {flags:?} excludes {excludes:?} \
+            "seed {seed} {dir:?} round {round}: {delete:?} flags {flags:?} excludes {excludes:?} \
              (rerun: VTUN_DIFF_SEED={seed} cargo test --test rsync_diff)"
         );
         let mut args: Vec<String> = Vec::new();
-        if delete {
-            args.push("--delete".into());
+        if !delete.is_empty() {
+            args.push(delete.into());
         }
         args.extend(flags.iter().map(|s| s.to_string()));
         for e in excludes {
@@ -593,7 +597,7 @@ fn run_seed(bed: &TestBed, dir: Direction, seed: u64) -> Result<Outcome, String>
             args.push(e.to_string());
         }
 
-        if std::env::var_os("VTUN_DIFF_STRICT").is_none() {
+        if std::env::var_os("VTUN_DIFF_STRICT").is_none() && delete != "--delete-excluded" {
             if let Some(why) = known_difference(&src, &want, excludes) {
                 remove(&work);
                 return Ok(Outcome::Known(format!("{case}: {why}")));
