@@ -694,10 +694,17 @@ fn no_agent_matches_the_agent_in_every_direction_and_reruns_are_no_ops() {
             Vec::<String>::new(),
             "{what} re-run"
         );
+        // SFTP cannot set a link's own mtime, so a link made by it has the time it was made;
+        // the agent then sets it, as rsync -a would, and only that.
+        let fixed = sync(&["-i", from, to]);
+        assert!(
+            fixed.iter().all(|l| l.starts_with(".L..t...... ")),
+            "{what} re-run through the agent: {fixed:?}"
+        );
         assert_eq!(
             sync(&["-i", from, to]),
             Vec::<String>::new(),
-            "{what} re-run through the agent"
+            "{what} second re-run through the agent"
         );
     }
     // A change after a whole-second sync is still seen.
@@ -833,6 +840,9 @@ fn raw_frame(tag: u8, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vtun::agent::protocol::{hello, Msg};
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -872,6 +882,9 @@ fn hostile_client_frames_with_huge_counts_or_sizes_are_refused_by_the_agent() {
 
 #[test]
 fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     use vtun::agent::protocol::{hello, Msg};
     use vtun::sync::endpoint::Endpoint;
     use vtun::sync::tree::RelPath;
@@ -911,6 +924,9 @@ fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
 /// changed, after its `Start`, so the receiver drops what it has of it.
 #[test]
 fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     use vtun::sync::endpoint::{Endpoint, Piece, SendReq};
     use vtun::sync::local::LocalEndpoint;
     use vtun::sync::tree::RelPath;
@@ -973,6 +989,9 @@ fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
 /// pipelined frames) arrive complete and in order.
 #[test]
 fn requests_split_over_frames_arrive_complete() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
     const { assert!(vtun::agent::protocol::REQUEST_ITEMS < 5000) };
     let t = tempfile::tempdir().unwrap();
     let (src, back, there) = (t.path().join("s"), t.path().join("b"), t.path().join("t"));
@@ -992,4 +1011,151 @@ fn requests_split_over_frames_arrive_complete() {
     let lines = sync(&["-i", &slash(&src), &remote(&there)]);
     assert_eq!(lines.len(), 5000, "one mode change per file");
     assert_eq!(digest(&there), digest(&src));
+}
+
+/// `--exclude '**/x.txt'` once kept a top-level `x.txt`; rsync excludes it (a pattern starting
+/// with `**` also matches at the top), and `dir/***` never excludes a file named `dir`.
+#[test]
+fn exclude_double_star_slash_also_matches_at_the_top() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    for f in [
+        "x.txt",
+        "a/x.txt",
+        "a/b/x.txt",
+        "ax.txt",
+        "dir/in",
+        "sub/dir",
+    ] {
+        write(&src.join(f), b"x");
+    }
+    let dst = t.path().join("d");
+    sync(&[
+        "--exclude",
+        "**/x.txt",
+        "--exclude",
+        "dir/***",
+        &slash(&src),
+        &remote(&dst),
+    ]);
+    let got: Vec<String> = digest(&dst)
+        .into_iter()
+        .filter(|(_, v)| v.starts_with("file"))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(got, ["ax.txt", "sub/dir"]);
+}
+
+/// A file `--size-only` (or `-c`) skips once kept its old mtime and mode; `rsync -a` sets both and
+/// itemizes `.f..t......` / `.f...p.....`.
+#[test]
+fn size_only_and_checksum_skips_still_set_mtime_and_mode() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("f"), b"aaaa");
+    write(&src.join("g"), b"cccc");
+    set_mtime(&src.join("f"), 1_200_000_000);
+    set_mtime(&src.join("g"), 1_200_000_000);
+    let (s, d) = (slash(&src), remote(&dst));
+    sync(&[&s, &d]);
+    write(&dst.join("f"), b"bbbb");
+    set_mtime(&dst.join("f"), 1_300_000_000);
+    std::fs::set_permissions(dst.join("g"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        sync(&["-i", "--size-only", &s, &d]),
+        [".f..t...... f", ".f...p..... g"]
+    );
+    assert_eq!(
+        std::fs::read(dst.join("f")).unwrap(),
+        b"bbbb",
+        "content kept"
+    );
+    let mut want = digest(&src);
+    let mut got = digest(&dst);
+    want.remove("f");
+    got.remove("f");
+    assert_eq!(got, want);
+    let m = std::fs::metadata(dst.join("f")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_200_000_000, 123_456_789));
+    // -c: same content, other mtime: only the time is set.
+    write(&dst.join("g"), b"cccc");
+    set_mtime(&dst.join("g"), 1_300_000_000);
+    std::fs::set_permissions(dst.join("g"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        sync(&["-i", "-c", &s, &d]),
+        [">fc........ f", ".f..t...... g"]
+    );
+    assert_eq!(digest(&dst), digest(&src));
+}
+
+/// A file that replaces a directory once took the directory's excluded entries with it, and
+/// without `--delete` replaced a non-empty directory outright; rsync does neither (it needs
+/// `--delete` to empty it, keeps what is excluded, and reports that it could not make way).
+#[test]
+fn type_change_keeps_excluded_entries_and_needs_delete_to_empty_a_directory() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("x"), b"now a file");
+    write(&src.join("other"), b"o");
+    write(&dst.join("x/keep.tmp"), b"excluded, so kept");
+    write(&dst.join("x/inner"), b"listed, so deleted");
+    let (s, d) = (slash(&src), remote(&dst));
+    let err = sync_with(&Local::on_path(), &[&s, &d]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("could not be synced"),
+        "{err:#}"
+    );
+    assert!(
+        dst.join("x/inner").exists(),
+        "nothing inside goes without --delete"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("other")).unwrap(),
+        b"o",
+        "the rest is synced"
+    );
+
+    let args = ["-i", "--delete", "--exclude", "*.tmp", &s, &d];
+    assert!(sync_with(&Local::on_path(), &args).is_err());
+    assert!(!dst.join("x/inner").exists());
+    assert!(dst.join("x/keep.tmp").exists());
+
+    std::fs::remove_file(dst.join("x/keep.tmp")).unwrap();
+    assert_eq!(
+        sync_with(&Local::on_path(), &args).unwrap(),
+        [">f+++++++++ x"],
+        "rsync itemizes the new file, not the directory it replaced"
+    );
+    assert_eq!(std::fs::read(dst.join("x")).unwrap(), b"now a file");
+}
+
+/// `-i` once printed a name with a newline as two lines; rsync escapes it as `\#012`.
+#[test]
+fn itemized_names_escape_control_characters_like_rsync() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("s"), t.path().join("d"));
+    write(&src.join("a\nb"), b"x");
+    std::os::unix::fs::symlink("t\rx", src.join("l")).unwrap();
+    let mut got = sync(&["-i", &slash(&src), &remote(&dst)]);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ">f+++++++++ a\\#012b",
+            "cL+++++++++ l -> t\\#015x",
+            "cd+++++++++ ./"
+        ]
+    );
 }

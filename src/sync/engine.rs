@@ -105,12 +105,12 @@ pub async fn run(
     }
     let popts = PlanOpts {
         mtime_seconds: o.plan.mtime_seconds || sl.mtime_seconds || dl.mtime_seconds,
+        keep_excluded: !o.excludes.is_empty() && !o.delete_excluded,
         ..o.plan
     };
     let p = plan(&sl.entries, &dl.entries, popts);
     let mut summary = Summary::default();
-    for a in &p.actions {
-        let line = itemize(a);
+    for line in p.actions.iter().filter_map(itemize) {
         emit(&line);
         summary.changes.push(line);
     }
@@ -276,7 +276,8 @@ pub async fn run(
             }
             Action::Meta { entry, .. } if !entry.is_dir() => ops.push(Op::SetMeta {
                 path: entry.path.clone(),
-                mode: Some(entry.mode),
+                // A link has no mode of its own to set (chmod would follow it).
+                mode: (!matches!(entry.kind, EntryKind::Symlink { .. })).then_some(entry.mode),
                 mtime: Some(entry.mtime),
             }),
             _ => {}

@@ -95,6 +95,7 @@ pub async fn run_sync(
             size_only: args.size_only,
             delete: args.delete || args.delete_excluded,
             mtime_seconds: false,
+            keep_excluded: false,
         },
         dry_run: args.dry_run,
         excludes: excludes.patterns().to_vec(),

@@ -1,10 +1,15 @@
 //! rsync exclude rules: `--exclude PATTERN` and `--exclude-from FILE`.
 //!
 //! Paths are matched relative to the transfer root (for `SRC` without a trailing `/` that root is
-//! SRC's parent, so `/SRC/x` anchors as in rsync). A pattern that starts with `/` must match the
-//! whole path; any other pattern matches the end of the path at a component boundary, which for a
-//! pattern without `/` means "a name at any depth". A trailing `/` restricts a rule to
-//! directories, and `dir/***` matches `dir` and everything below it.
+//! SRC's parent, so `/SRC/x` anchors as in rsync). The rules are rsync's `rule_matches`
+//! (exclude.c), checked against rsync 3.x: a pattern starting with `/` must match the whole path;
+//! one starting with `**` is matched against the path with a `/` in front, so `**/x` also matches
+//! a top-level `x`; any other pattern matches the end of the path at a component boundary, which
+//! for a pattern without `/` means "a name at any depth". A trailing `/` restricts a rule to
+//! directories, and a trailing `***` also lets the directory itself match (`dir/***` is the
+//! directory `dir` and everything below it, never a file named `dir`). `**` never matches "no
+//! directory": `a/**/b` does not match `a/b`. Backslash escapes only in patterns that have a
+//! wildcard (`*`, `?`, `[`); otherwise it is an ordinary character.
 
 use std::path::Path;
 
@@ -16,6 +21,10 @@ pub struct Rule {
     tokens: Vec<Token>,
     anchored: bool,
     dir_only: bool,
+    /// Starts with `**`: matched against `/` + path, from the start only.
+    dstar_prefix: bool,
+    /// Ends with `***`: a directory is matched as `path/`.
+    tstar_suffix: bool,
     /// Source text, for messages and for sending to the agent.
     text: String,
 }
@@ -38,7 +47,7 @@ enum Token {
 
 impl Rule {
     /// Parse one pattern with rsync's rules.
-    pub fn parse(pattern: &str) -> Result<Vec<Rule>> {
+    pub fn parse(pattern: &str) -> Result<Rule> {
         if pattern.is_empty() {
             bail!("empty exclude pattern");
         }
@@ -54,25 +63,20 @@ impl Rule {
         if p.is_empty() {
             bail!("exclude pattern {pattern:?} matches nothing");
         }
-        // `dir/***` is shorthand for `dir` plus `dir/**`.
-        if let Some(base) = p.strip_suffix("/***") {
-            let mut out = Vec::new();
-            for body in [base.to_string(), format!("{base}/**")] {
-                out.push(Rule {
-                    tokens: tokenize(&body, pattern)?,
-                    anchored,
-                    dir_only: false,
-                    text: pattern.to_string(),
-                });
-            }
-            return Ok(out);
-        }
-        Ok(vec![Rule {
-            tokens: tokenize(p, pattern)?,
+        let wild = p.contains(['*', '?', '[']);
+        let tokens = if wild {
+            tokenize(p, pattern)?
+        } else {
+            p.chars().map(Token::Lit).collect()
+        };
+        Ok(Rule {
+            tokens,
             anchored,
             dir_only,
+            dstar_prefix: !anchored && p.starts_with("**"),
+            tstar_suffix: wild && p.ends_with("***"),
             text: pattern.to_string(),
-        }])
+        })
     }
 
     /// Does this rule match `path` (relative, `/`-separated, no leading `/`)?
@@ -80,8 +84,15 @@ impl Rule {
         if self.dir_only && !is_dir {
             return false;
         }
-        let chars: Vec<char> = path.chars().collect();
-        if self.anchored {
+        let mut chars: Vec<char> = Vec::with_capacity(path.len() + 2);
+        if self.dstar_prefix {
+            chars.push('/');
+        }
+        chars.extend(path.chars());
+        if is_dir && self.tstar_suffix {
+            chars.push('/');
+        }
+        if self.anchored || self.dstar_prefix {
             return glob(&self.tokens, &chars);
         }
         // Unanchored: the end of the path, starting at a component boundary.
@@ -208,7 +219,7 @@ impl Excludes {
     pub fn new(patterns: &[String]) -> Result<Excludes> {
         let mut rules = Vec::new();
         for p in patterns {
-            rules.extend(Rule::parse(p)?);
+            rules.push(Rule::parse(p)?);
         }
         Ok(Excludes {
             rules,
@@ -343,6 +354,74 @@ mod tests {
         assert!(!e.is_excluded("outx", false));
     }
 
+    /// Each case checked against `rsync -a --exclude PATTERN src/ dst/` (rsync 3.x).
+    #[test]
+    fn double_star_corner_cases_match_rsync() {
+        type Paths = &'static [(&'static str, bool)];
+        let cases: &[(&str, Paths, Paths)] = &[
+            // (pattern, excluded (path, is_dir), kept (path, is_dir))
+            (
+                "**/x.txt",
+                &[("x.txt", false), ("a/x.txt", false), ("a/b/c/x.txt", false)],
+                &[("ax.txt", false)],
+            ),
+            ("**x.txt", &[("x.txt", false), ("a/b/x.txt", false)], &[]),
+            (
+                "/**/x.txt",
+                &[("a/x.txt", false), ("a/b/x.txt", false)],
+                &[("x.txt", false)],
+            ),
+            (
+                "a/**/x.txt",
+                &[("a/b/x.txt", false), ("q/a/b/c/x.txt", false)],
+                &[("a/x.txt", false)],
+            ),
+            ("a/**/b", &[("a/c/b", true)], &[("a/b", true)]),
+            ("**/", &[("a", true), ("a/b", true)], &[("f", false)]),
+            (
+                "**/b/**",
+                &[("a/b/c", true), ("b/x", false)],
+                &[("a/b", true)],
+            ),
+            (
+                "a**",
+                &[("a", true), ("ab", false), ("x/ab", false)],
+                &[("ba", false)],
+            ),
+            (
+                "**.c",
+                &[("top.c", false), ("a/b/d.c", false)],
+                &[("c", false)],
+            ),
+            (
+                "dir/***",
+                &[("dir", true), ("sub/dir", true), ("dir/in", false)],
+                &[("dir", false), ("a/dir", false), ("dirx", true)],
+            ),
+            (
+                "/dir/***",
+                &[("dir", true), ("dir/in/deep", false)],
+                &[("sub/dir", true)],
+            ),
+        ];
+        for (pat, excluded, kept) in cases {
+            let e = ex(&[pat]);
+            for (path, is_dir) in *excluded {
+                assert!(e.is_excluded(path, *is_dir), "{pat} should exclude {path}");
+            }
+            for (path, is_dir) in *kept {
+                assert!(!e.is_excluded(path, *is_dir), "{pat} should keep {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn backslash_is_literal_without_wildcards() {
+        assert!(ex(&["f\\oo"]).is_excluded("f\\oo", false));
+        assert!(!ex(&["f\\oo"]).is_excluded("foo", false));
+        assert!(ex(&["f\\o*"]).is_excluded("foo", false));
+    }
+
     #[test]
     fn escapes_are_literal() {
         let e = ex(&["a\\*b"]);
@@ -360,7 +439,7 @@ mod tests {
         assert!(Rule::parse("").is_err());
         assert!(Rule::parse("/").is_err());
         assert!(Rule::parse("a[bc").is_err());
-        assert!(Rule::parse("a\\").is_err());
+        assert!(Rule::parse("a*\\").is_err());
     }
 
     #[test]

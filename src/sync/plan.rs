@@ -1,7 +1,8 @@
 //! Compare a source and a destination listing and decide what to do, rsync style.
 //!
-//! Quick check: a file whose size and mtime (to the nanosecond, since both are preserved) match is
-//! skipped; `-c` compares content hashes, `--size-only` sizes. Directory metadata is applied last,
+//! Quick check, as rsync's default (`--modify-window=0`): a file whose size and mtime to the second
+//! match is skipped (mtimes are still kept to the nanosecond when a file is written); `-c` compares content hashes, `--size-only` sizes. A file those checks skip still gets
+//! the source's mode and mtime (`.f..tp.....`), as with `rsync -a`. Directory metadata is applied last,
 //! because writing into a directory changes its mtime; that is why every directory whose contents
 //! change gets its mtime set again even when it is not itemized.
 
@@ -14,8 +15,11 @@ pub struct PlanOpts {
     pub checksum: bool,
     pub size_only: bool,
     pub delete: bool,
-    /// One side only knows mtimes to the second (SFTP): compare seconds.
+    /// One side is plain SFTP, which only knows mtimes to the second and cannot set a symlink's
+    /// own mtime: a link whose only difference is its time is left alone.
     pub mtime_seconds: bool,
+    /// The destination listing leaves out excluded entries, which deletions must keep.
+    pub keep_excluded: bool,
 }
 
 /// One itemized change, in the order it is carried out.
@@ -26,6 +30,9 @@ pub enum Action {
         path: RelPath,
         is_dir: bool,
         recursive: bool,
+        /// Makes way for a source entry of another type. rsync itemizes what goes from inside
+        /// it, not the entry itself.
+        replaced: bool,
     },
     Mkdir(Entry),
     /// Send file content; `update` when the receiver has an old copy (a delta candidate).
@@ -34,11 +41,13 @@ pub enum Action {
         update: bool,
         flags: Flags,
     },
+    /// Create or replace a symlink; `time` when an existing link's mtime differs.
     Symlink {
         entry: Entry,
         new: bool,
+        time: bool,
     },
-    /// Mode or mtime only.
+    /// Mode or mtime only (a symlink: mtime only).
     Meta {
         entry: Entry,
         flags: Flags,
@@ -88,10 +97,28 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
         );
         let d = match d {
             Some(d) if !same_kind => {
+                // As rsync: without --delete a non-empty directory is not replaced (rsync would
+                // need --force). With it, what the listing shows inside goes first, one by one;
+                // an excluded entry inside stays, which keeps the directory, and the new entry
+                // then cannot take its place (rsync: "could not make way").
+                if d.is_dir() && opts.delete {
+                    for c in dst
+                        .iter()
+                        .filter(|c| c.path != d.path && c.path.starts_with(&d.path))
+                    {
+                        deletes.push(Action::Delete {
+                            path: c.path.clone(),
+                            is_dir: c.is_dir(),
+                            recursive: false,
+                            replaced: false,
+                        });
+                    }
+                }
                 deletes.push(Action::Delete {
                     path: d.path.clone(),
                     is_dir: d.is_dir(),
-                    recursive: d.is_dir(),
+                    recursive: d.is_dir() && opts.delete && !opts.keep_excluded,
+                    replaced: true,
                 });
                 if d.is_dir() {
                     gone.push(d.path.clone());
@@ -101,7 +128,9 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
             other => other,
         };
         let perms = d.is_some_and(|d| d.mode != s.mode);
-        let time = d.is_some_and(|d| !d.mtime.same_as(s.mtime, opts.mtime_seconds));
+        // Whole seconds, as rsync compares by default: an mtime that differs only below the second
+        // is not a change, for files, directories and links alike.
+        let time = d.is_some_and(|d| !d.mtime.same_as(s.mtime, true));
         match (&s.kind, d) {
             (EntryKind::Dir, None) => {
                 touch(&s.path, &mut touched_dirs);
@@ -152,7 +181,9 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                         update: true,
                         flags,
                     });
-                } else if perms || (time && !opts.size_only) {
+                } else if perms || time {
+                    // rsync sets the mode and mtime of a file it skips, whichever check skipped
+                    // it: `--size-only` and `-c` decide whether to send, not what to keep.
                     creates.push(Action::Meta {
                         entry: s.clone(),
                         flags,
@@ -166,6 +197,16 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                     creates.push(Action::Symlink {
                         entry: s.clone(),
                         new: d.is_none(),
+                        time,
+                    });
+                } else if time && !opts.mtime_seconds {
+                    // rsync -a sets a link's own mtime (`.L..t......`).
+                    creates.push(Action::Meta {
+                        entry: s.clone(),
+                        flags: Flags {
+                            time,
+                            ..Flags::default()
+                        },
                     });
                 }
             }
@@ -185,6 +226,7 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
                 path: d.path.clone(),
                 is_dir: d.is_dir(),
                 recursive: false,
+                replaced: false,
             });
         }
     }
@@ -206,8 +248,27 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
     Plan { actions, dir_meta }
 }
 
-/// The rsync `--itemize-changes` line for an action.
-pub fn itemize(a: &Action) -> String {
+/// A name as rsync prints it: a control character other than tab, and a backslash that would
+/// read as such an escape, become `\#ooo`, so that one change is always one line.
+fn escaped(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.char_indices() {
+        let looks_escaped = c == '\\'
+            && b.get(i + 1) == Some(&b'#')
+            && b.get(i + 2..i + 5)
+                .is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+        if (c < ' ' && c != '\t') || looks_escaped {
+            out.push_str(&format!("\\#{:03o}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The rsync `--itemize-changes` line for an action, if rsync prints one.
+pub fn itemize(a: &Action) -> Option<String> {
     fn cols(f: &Flags) -> String {
         format!(
             "{}{}{}{}.....",
@@ -218,14 +279,18 @@ pub fn itemize(a: &Action) -> String {
         )
     }
     fn name(e: &Entry) -> String {
+        let path = escaped(&e.path.to_string());
         match (&e.kind, e.path.is_root()) {
             (EntryKind::Dir, true) => "./".to_string(),
-            (EntryKind::Dir, false) => format!("{}/", e.path),
-            _ => e.path.to_string(),
+            (EntryKind::Dir, false) => format!("{path}/"),
+            (EntryKind::Symlink { target }, _) => format!("{path} -> {}", escaped(target)),
+            _ => path,
         }
     }
-    match a {
+    Some(match a {
+        Action::Delete { replaced: true, .. } => return None,
         Action::Delete { path, is_dir, .. } => {
+            let path = escaped(&path.to_string());
             format!("*deleting   {path}{}", if *is_dir { "/" } else { "" })
         }
         Action::Mkdir(e) => format!("cd+++++++++ {}", name(e)),
@@ -235,19 +300,28 @@ pub fn itemize(a: &Action) -> String {
             ..
         } => format!(">f+++++++++ {}", name(entry)),
         Action::Transfer { entry, flags, .. } => format!(">f{} {}", cols(flags), name(entry)),
-        Action::Symlink { entry, new } => {
-            let target = match &entry.kind {
-                EntryKind::Symlink { target } => target.as_str(),
-                _ => "",
+        Action::Symlink { entry, new, time } => {
+            let cols = if *new {
+                "+++++++++".to_string()
+            } else {
+                // rsync marks a changed target in the checksum column.
+                cols(&Flags {
+                    checksum: true,
+                    time: *time,
+                    ..Flags::default()
+                })
             };
-            let cols = if *new { "+++++++++" } else { ".s......." };
-            format!("cL{cols} {} -> {target}", entry.path)
+            format!("cL{cols} {}", name(entry))
         }
         Action::Meta { entry, flags } => {
-            let t = if entry.is_dir() { 'd' } else { 'f' };
+            let t = match entry.kind {
+                EntryKind::Dir => 'd',
+                EntryKind::Symlink { .. } => 'L',
+                EntryKind::File { .. } => 'f',
+            };
             format!(".{t}{} {}", cols(flags), name(entry))
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -284,7 +358,7 @@ mod tests {
         }
     }
     fn lines(p: &Plan) -> Vec<String> {
-        p.actions.iter().map(itemize).collect()
+        p.actions.iter().filter_map(itemize).collect()
     }
 
     #[test]
@@ -333,7 +407,7 @@ mod tests {
             size_only: true,
             ..PlanOpts::default()
         };
-        assert!(plan(&src, &dst, so).actions.is_empty());
+        assert_eq!(lines(&plan(&src, &dst, so)), [".f..t...... x"]);
         let mut s = f("x", 3, 5);
         s.hash = Some([1; 32]);
         let mut t = f("x", 3, 5);
@@ -358,6 +432,42 @@ mod tests {
         assert!(plan(&src, &[f("x", 3, secs)], PlanOpts::default())
             .actions
             .is_empty());
+    }
+
+    /// The strings `rsync -a -i` prints (3.x) when `--size-only` or `-c` skip the content.
+    #[test]
+    fn skipped_files_still_get_mode_and_mtime() {
+        let mut s = f("x", 3, 5);
+        s.mode = 0o755;
+        s.hash = Some([1; 32]);
+        let mut same = f("x", 3, 6);
+        same.hash = Some([1; 32]);
+        let so = PlanOpts {
+            size_only: true,
+            ..PlanOpts::default()
+        };
+        let c = PlanOpts {
+            checksum: true,
+            ..PlanOpts::default()
+        };
+        assert_eq!(
+            lines(&plan(&[s.clone()], &[same.clone()], so)),
+            [".f..tp..... x"]
+        );
+        assert_eq!(
+            lines(&plan(&[s.clone()], &[same.clone()], c)),
+            [".f..tp..... x"]
+        );
+        same.mode = 0o755;
+        assert_eq!(
+            lines(&plan(&[s.clone()], &[same.clone()], c)),
+            [".f..t...... x"]
+        );
+        same.mtime = s.mtime;
+        same.mode = 0o600;
+        assert_eq!(lines(&plan(&[s.clone()], &[same], so)), [".f...p..... x"]);
+        let p = plan(&[s.clone()], &[f("x", 3, 6)], so);
+        assert!(matches!(&p.actions[..], [Action::Meta { entry, .. }] if *entry == s));
     }
 
     #[test]
@@ -402,14 +512,83 @@ mod tests {
                 ..PlanOpts::default()
             },
         );
-        assert_eq!(lines(&p), ["*deleting   x/", ">f+++++++++ x"]);
+        assert_eq!(lines(&p), ["*deleting   x/inner", ">f+++++++++ x"]);
         assert!(matches!(
-            p.actions[0],
+            &p.actions[1],
+            Action::Delete {
+                recursive: true,
+                replaced: true,
+                path,
+                ..
+            } if path.to_string() == "x"
+        ));
+        // Without --delete nothing inside goes, and the directory only if it is empty.
+        let p = plan(&src, &dst, PlanOpts::default());
+        assert_eq!(lines(&p), [">f+++++++++ x"]);
+        assert!(matches!(
+            &p.actions[0],
+            Action::Delete {
+                recursive: false,
+                replaced: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn type_change_keeps_excluded_entries_inside() {
+        let src = [d(""), f("x", 1, 1)];
+        let dst = [
+            d(""),
+            d("x"),
+            d("x/sub"),
+            f("x/sub/a", 1, 1),
+            f("x/b", 1, 1),
+        ];
+        let p = plan(
+            &src,
+            &dst,
+            PlanOpts {
+                delete: true,
+                keep_excluded: true,
+                ..PlanOpts::default()
+            },
+        );
+        assert_eq!(
+            lines(&p),
+            [
+                "*deleting   x/sub/a",
+                "*deleting   x/sub/",
+                "*deleting   x/b",
+                ">f+++++++++ x"
+            ]
+        );
+        assert!(p.actions.iter().all(|a| !matches!(
+            a,
             Action::Delete {
                 recursive: true,
                 ..
             }
-        ));
+        )));
+    }
+
+    /// Checked against `rsync -ai` 3.x output.
+    #[test]
+    fn names_are_escaped_as_rsync_prints_them() {
+        assert_eq!(escaped("a\nb\rc\td\u{7f}é"), "a\\#012b\\#015c\td\u{7f}é");
+        assert_eq!(escaped("a\\#012b"), "a\\#134#012b");
+        assert_eq!(escaped("back\\slash \\#1"), "back\\slash \\#1");
+        let l = e(
+            "new\nline",
+            EntryKind::Symlink {
+                target: "tar\nget".into(),
+            },
+            FileTime::from_secs(1),
+        );
+        assert_eq!(
+            lines(&plan(&[l], &[], PlanOpts::default())),
+            ["cL+++++++++ new\\#012line -> tar\\#012get"]
+        );
     }
 
     #[test]
@@ -425,8 +604,48 @@ mod tests {
             FileTime::from_secs(1),
         );
         assert_eq!(
-            lines(&plan(&[s], &[t], PlanOpts::default())),
-            ["cL.s....... l -> b"]
+            lines(&plan(
+                std::slice::from_ref(&s),
+                std::slice::from_ref(&t),
+                PlanOpts::default()
+            )),
+            ["cLc........ l -> b"]
         );
+        let mut old = t.clone();
+        old.mtime = FileTime::from_secs(9);
+        assert_eq!(
+            lines(&plan(std::slice::from_ref(&s), &[old], PlanOpts::default())),
+            ["cLc.t...... l -> b"]
+        );
+    }
+
+    /// What `rsync -a -i` does with a link whose target is the same but whose mtime is not.
+    #[test]
+    fn symlink_with_an_other_mtime_gets_its_time() {
+        let l = |secs| {
+            e(
+                "l",
+                EntryKind::Symlink { target: "t".into() },
+                FileTime::from_secs(secs),
+            )
+        };
+        assert_eq!(
+            lines(&plan(&[l(1)], &[l(2)], PlanOpts::default())),
+            [".L..t...... l -> t"]
+        );
+        let sftp = PlanOpts {
+            mtime_seconds: true,
+            ..PlanOpts::default()
+        };
+        assert!(plan(&[l(1)], &[l(2)], sftp).actions.is_empty());
+    }
+
+    #[test]
+    fn mtimes_differing_below_the_second_are_the_same() {
+        let a = FileTime::new(1_700_000_000, 1);
+        let b = FileTime::new(1_700_000_000, 999_999_999);
+        assert!(plan(&[f("x", 3, a)], &[f("x", 3, b)], PlanOpts::default())
+            .actions
+            .is_empty());
     }
 }
