@@ -88,7 +88,11 @@ fn no_agent_replacing_a_tree_removes_it_but_not_what_its_links_point_at() {
 
     std::fs::remove_dir_all(src.join("gone")).unwrap();
     std::fs::write(src.join("gone"), b"now a file").unwrap();
-    sync(&[]).assert_ok();
+    // As with rsync, a non-empty directory makes way for a file only with --delete.
+    let kept = sync(&[]);
+    assert_eq!(kept.code(), 23, "stderr: {}", kept.stderr);
+    assert!(dst.join("gone/sub2/deeper/f").exists());
+    sync(&["--delete"]).assert_ok();
     assert_eq!(std::fs::read(dst.join("gone")).unwrap(), b"now a file");
     assert_eq!(std::fs::read(keep.join("precious")).unwrap(), b"keep me");
 }
