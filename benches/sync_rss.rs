@@ -145,7 +145,7 @@ fn main() {
     // What one listed entry costs before its path's bytes: each side holds whole listings.
     println!(
         "a listing entry is {} bytes plus its path",
-        std::mem::size_of::<vtun::sync::tree::Entry>()
+        std::mem::size_of::<vtun::sync::listing::Entry>()
     );
     println!("| run | wall s | client max RSS MB | agent max RSS MB |");
     println!("|---|---|---|---|");

@@ -526,7 +526,7 @@ fn crafted_listing_with_dotdot_is_refused() {
         return;
     }
     use vtun::agent::protocol::{hello, Msg};
-    use vtun::sync::tree::{Entry, EntryKind, RelPath};
+    use vtun::sync::listing::{Entry, EntryKind, RelPath};
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
@@ -887,7 +887,7 @@ fn hostile_agent_reply_with_a_huge_signature_count_is_a_clean_error() {
     }
     use vtun::agent::protocol::{hello, Msg};
     use vtun::sync::endpoint::Endpoint;
-    use vtun::sync::tree::RelPath;
+    use vtun::sync::listing::RelPath;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
@@ -928,8 +928,8 @@ fn file_truncated_while_sent_is_skipped_as_changed_not_sigbus() {
         return;
     }
     use vtun::sync::endpoint::{Endpoint, Piece, SendReq};
+    use vtun::sync::listing::RelPath;
     use vtun::sync::local::LocalEndpoint;
-    use vtun::sync::tree::RelPath;
     let t = tempfile::tempdir().unwrap();
     // Random past its first MiB, so a delta against that MiB is literals, sent as it is read.
     let mut x = 88172645463325252u64;

@@ -15,7 +15,7 @@ use super::protocol::{
 };
 use crate::link::{Link, RemoteIo};
 use crate::sync::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq};
-use crate::sync::tree::{ListOpts, Listing, RelPath};
+use crate::sync::listing::{ListOpts, Listing, RelPath};
 
 /// A sync root served by a remote agent.
 pub struct AgentEndpoint {

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::delta::MAX_PIECE;
 use crate::sync::endpoint::{Op, Piece, RecvReport, SendReq, CHUNK};
-use crate::sync::tree::{Entry, EntryKind, ListOpts, RelPath};
+use crate::sync::listing::{Entry, EntryKind, ListOpts, RelPath};
 
 pub const MAGIC: &[u8; 12] = b"\x00vtun-agent\x00";
 /// Bump on any incompatible change; agents of another version are not used.

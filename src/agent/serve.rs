@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use super::protocol::{hello, read_msg, write_listing, write_msg, Msg, MAX_SIG, PROTO};
 use crate::sync::endpoint::{Endpoint, Piece, RecvReport};
+use crate::sync::listing::RelPath;
 use crate::sync::local::LocalEndpoint;
-use crate::sync::tree::RelPath;
 
 /// The line `VTUN_AGENT_PROBE=1 vtun agent` prints.
 pub fn probe_line() -> String {

@@ -13,7 +13,7 @@ use anyhow::Result;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::tree::{ListOpts, Listing, RelPath};
+use super::listing::{ListOpts, Listing, RelPath};
 
 /// Ask the sender for one file: as a delta against `signature` (the receiver's old copy), or whole.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, VANISHED};
+use super::listing::{EntryKind, ListOpts, RelPath};
 use super::plan::{itemize, plan, Action, PlanOpts};
-use super::tree::{EntryKind, ListOpts, RelPath};
 
 /// Below this many bytes to send, extra connections cost more than they bring.
 const PARALLEL_MIN: u64 = 8 << 20;
@@ -457,8 +457,8 @@ mod tests {
     use futures::future::BoxFuture;
 
     use super::*;
+    use crate::sync::listing::Listing;
     use crate::sync::local::LocalEndpoint;
-    use crate::sync::tree::Listing;
 
     /// Records every call: each one is a round trip when the endpoint is remote.
     struct Counting {

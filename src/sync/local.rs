@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK, VANISHED};
-use super::tree::{self, ListOpts, Listing, RelPath};
+use super::listing::{self, ListOpts, Listing, RelPath};
 use super::write;
 use crate::delta;
 use crate::fs::read_chunk_at;
@@ -37,7 +37,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 impl Endpoint for LocalEndpoint {
     fn list(&mut self, opts: ListOpts) -> BoxFuture<'_, Result<Listing>> {
         let root = self.root.clone();
-        Box::pin(blocking(move || tree::walk(&root, &opts)))
+        Box::pin(blocking(move || listing::walk(&root, &opts)))
     }
 
     fn signatures(&mut self, paths: Vec<RelPath>) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>>> {

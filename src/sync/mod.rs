@@ -1,6 +1,6 @@
 //! `vtun sync`: rsync-style sync with delta transfer.
 //!
-//! The pieces: `pattern` (exclude rules), `tree` (listings), `plan` (what to change),
+//! The pieces: `pattern` (exclude rules), `listing` (walks and listings), `plan` (what to change),
 //! `endpoint` (one interface for both sides), `local` (a directory on this machine), `sftp` (a
 //! remote root over plain SFTP, when no agent can run), `engine` (runs a plan between two
 //! endpoints). The remote side with an agent is `crate::agent`; file contents move as deltas
@@ -17,11 +17,11 @@
 
 pub mod endpoint;
 pub mod engine;
+pub mod listing;
 pub mod local;
 pub mod pattern;
 pub mod plan;
 pub mod sftp;
-pub mod tree;
 pub mod write;
 
 use std::io::Write;
@@ -34,7 +34,7 @@ use crate::settings::Settings;
 use crate::target::Location;
 use endpoint::Endpoint;
 use engine::{EngineOpts, Summary};
-use tree::RelPath;
+use listing::RelPath;
 
 /// What `vtun sync` was asked to do.
 #[derive(Debug, Clone, Default)]

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::tree::{Entry, EntryKind, RelPath};
+use super::listing::{Entry, EntryKind, RelPath};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlanOpts {

@@ -22,8 +22,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, CHUNK};
+use super::listing::{Entry, EntryKind, ListOpts, Listing, RelPath};
 use super::pattern::Excludes;
-use super::tree::{Entry, EntryKind, ListOpts, Listing, RelPath};
 use crate::fs::{temp, Kind, Meta};
 use crate::link::Link;
 use crate::transfer::fs::{Fs, Reader, Writer};

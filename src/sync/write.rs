@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
 
 use super::endpoint::{Op, Piece, RecvReport};
-use super::tree::RelPath;
+use super::listing::RelPath;
 use crate::delta;
 
 /// How much written data `write_behind` lets pile up before it starts writeback.
