@@ -431,6 +431,8 @@ pub fn parse() -> Cli {
     Cli::parse()
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 mod tests {
     use super::*;

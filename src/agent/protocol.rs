@@ -659,6 +659,8 @@ pub fn hello() -> [u8; 16] {
     h
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -169,6 +169,8 @@ async fn feed<R: AsyncRead + Unpin>(r: &mut R, tx: mpsc::Sender<Piece>) -> Resul
     }
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -761,6 +761,8 @@ async fn writer<W: tokio::io::AsyncWrite + Unpin>(
     shut_down(&inner, why);
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -449,6 +449,8 @@ async fn apply(dst: &mut dyn Endpoint, ops: Vec<Op>, summary: &mut Summary) -> R
     Ok(())
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

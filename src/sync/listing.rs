@@ -341,6 +341,8 @@ pub fn open_nofollow(path: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("cannot open {}", path.display()))
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -268,6 +268,8 @@ pub fn parse_exclude_file(text: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

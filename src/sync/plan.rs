@@ -324,6 +324,8 @@ pub fn itemize(a: &Action) -> Option<String> {
     })
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -395,6 +395,8 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
     }
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -244,6 +244,8 @@ fn print_table(r: &Report, out: &mut (dyn Write + Send)) -> Result<()> {
     Ok(())
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

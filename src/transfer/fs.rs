@@ -554,6 +554,8 @@ impl Fs {
     }
 }
 
+// Tests only: unwrap on values the test itself built (in-memory data, temp files, local
+// processes), where a failure is the test failing.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
