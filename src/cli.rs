@@ -16,7 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// `:` makes an operand local.
 ///
 /// Exit status: the remote command's status when there is one; 255 when vtun could not connect,
-/// authenticate, or lost the connection; 1 for other failures.
+/// authenticate, or lost the connection; 23/24 for a partial `vtun sync` (as rsync's); 1 for
+/// other failures.
 #[derive(Debug, Parser)]
 #[command(name = "vtun", version, max_term_width = 100)]
 pub struct Cli {
