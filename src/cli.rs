@@ -333,6 +333,10 @@ pub struct SyncArgs {
     #[arg(short = 'i', long)]
     pub itemize: bool,
     /// Never use the remote agent; copy whole files over SFTP.
+    ///
+    /// No delta transfer and no -c then. SFTP has no directory-relative operations, so remote
+    /// writes go by path after an lstat of each parent: the agent's descent by directory
+    /// descriptor is what keeps a symlink swapped in mid-run from redirecting a write.
     #[arg(long)]
     pub no_agent: bool,
     /// SSH channels per side (one connection each) for file contents when there is much to
