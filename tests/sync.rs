@@ -613,3 +613,81 @@ fn file_truncated_while_synced_fails_alone_with_23_not_sigbus() {
     got.remove("big");
     assert_eq!(got, want);
 }
+
+/// A source file over a destination directory that a directory-only rule excludes
+/// (`--exclude 'x/'`): rsync decides exclusion by the source's entry, so the directory makes way
+/// for the file. Once the excluded directory was invisible to the plan and the file could not land
+/// ("Is a directory", exit 23). Agent and SFTP, both directions.
+#[test]
+fn file_replaces_a_directory_that_only_a_dir_rule_excludes() {
+    let bed = TestBed::start();
+    let src = bed.dir("src");
+    std::fs::write(src.join("x"), "now a file\n").unwrap();
+    for (n, how) in [&[][..], &["--no-agent"][..]].iter().enumerate() {
+        for to_vm in [true, false] {
+            let dst = bed.dir(&format!("dst-{n}-{to_vm}"));
+            std::fs::create_dir_all(dst.join("x")).unwrap();
+            let (from, to) = if to_vm {
+                (slash(&src), format!("a:{}", slash(&dst)))
+            } else {
+                (format!("a:{}", slash(&src)), slash(&dst))
+            };
+            let what = format!("{how:?} to_vm={to_vm}");
+            // An empty directory is replaced with or without --delete.
+            let out = sync(
+                &bed,
+                &[&["-i", "--exclude", "x/"][..], how, &[&from, &to]].concat(),
+            );
+            out.assert_ok();
+            assert_eq!(changes(&out), [">f+++++++++ x"], "{what}");
+            assert_eq!(
+                std::fs::read(dst.join("x")).unwrap(),
+                b"now a file\n",
+                "{what}"
+            );
+
+            // A non-empty one only with --delete, which itemizes what goes from inside it.
+            std::fs::remove_file(dst.join("x")).unwrap();
+            std::fs::create_dir_all(dst.join("x/sub")).unwrap();
+            std::fs::write(dst.join("x/sub/inner"), "old\n").unwrap();
+            let args = [&["--exclude", "x/"][..], how, &[&from, &to]].concat();
+            let out = sync(&bed, &args);
+            assert_eq!(out.code(), 23, "{what}: {}", out.stderr);
+            assert!(
+                dst.join("x/sub/inner").is_file(),
+                "{what}: kept without --delete"
+            );
+            let args = [
+                &["-i", "--delete", "--exclude", "x/"][..],
+                how,
+                &[&from, &to],
+            ]
+            .concat();
+            let out = sync(&bed, &args);
+            out.assert_ok();
+            assert_eq!(
+                changes(&out),
+                [
+                    "*deleting   x/sub/inner",
+                    "*deleting   x/sub/",
+                    ">f+++++++++ x"
+                ],
+                "{what}"
+            );
+            assert_eq!(
+                std::fs::read(dst.join("x")).unwrap(),
+                b"now a file\n",
+                "{what}"
+            );
+        }
+    }
+}
+
+/// Itemized changes, less the root directory's own line (its mtime depends on the test's timing).
+fn changes(out: &Out) -> Vec<String> {
+    out.stdout_str()
+        .lines()
+        .filter(|l| !l.ends_with(" ./"))
+        .map(str::to_string)
+        .collect()
+}

@@ -1159,3 +1159,39 @@ fn itemized_names_escape_control_characters_like_rsync() {
         ]
     );
 }
+
+/// A source file over a destination directory that only a directory rule (`--exclude 'x/'`)
+/// excludes: the directory makes way for the file, as in rsync (empty: always; with contents:
+/// with --delete, which removes them first). Both the agent and the local writer.
+#[test]
+fn file_replaces_a_directory_that_only_a_dir_rule_excludes() {
+    if support::rerun_in_clean_env(&[("VTUN_AGENT_BINARY", bin().as_os_str())]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("s");
+    write(&src.join("x"), b"file");
+    for (n, remote_dst) in [true, false].into_iter().enumerate() {
+        let dst = t.path().join(format!("d{n}"));
+        let (s, d) = if remote_dst {
+            (slash(&src), remote(&dst))
+        } else {
+            (remote(&src) + "/", dst.display().to_string())
+        };
+        std::fs::create_dir_all(dst.join("x")).unwrap();
+        sync(&["--exclude", "x/", &s, &d]);
+        assert_eq!(std::fs::read(dst.join("x")).unwrap(), b"file");
+
+        std::fs::remove_file(dst.join("x")).unwrap();
+        write(&dst.join("x/inner"), b"old");
+        let err = sync_with(&Local::on_path(), &["--exclude", "x/", &s, &d]).unwrap_err();
+        assert!(format!("{err:#}").contains("x"), "{err:#}");
+        assert_eq!(std::fs::read(dst.join("x/inner")).unwrap(), b"old");
+        let lines = sync(&["-i", "--delete", "--exclude", "x/", &s, &d]);
+        assert!(
+            lines.contains(&"*deleting   x/inner".to_string()),
+            "{lines:?}"
+        );
+        assert_eq!(std::fs::read(dst.join("x")).unwrap(), b"file");
+    }
+}

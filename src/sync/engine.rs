@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Op, Piece, RecvReport, SendReq, VANISHED};
 use super::listing::{EntryKind, ListOpts, RelPath};
-use super::plan::{itemize, plan, Action, PlanOpts};
+use super::pattern::Excludes;
+use super::plan::{hidden_in_the_way, itemize, plan, Action, PlanOpts};
 
 /// Below this many bytes to send, extra connections cost more than they bring.
 const PARALLEL_MIN: u64 = 8 << 20;
@@ -90,7 +91,28 @@ pub async fn run(
         },
         clean_temps: !o.dry_run,
     };
-    let (sl, dl) = futures::try_join!(src.list(src_opts), dst.list(dst_opts))?;
+    let excludes = dst_opts.excludes.clone();
+    let (sl, mut dl) = futures::try_join!(src.list(src_opts), dst.list(dst_opts))?;
+    // An excluded destination entry in the way of a source entry of another type (`--exclude
+    // 'x/'`, destination directory `x`, source file `x`) is not kept: rsync makes way for the new
+    // entry. List each such path, the entry itself and what the excludes leave of its contents.
+    if !excludes.is_empty() {
+        let ex = Excludes::new(&excludes)?;
+        for path in hidden_in_the_way(&sl.entries, &dl.entries, &ex) {
+            let found = dst
+                .list(ListOpts {
+                    start: path.clone(),
+                    hashes,
+                    excludes: excludes.clone(),
+                    clean_temps: false,
+                })
+                .await?;
+            if found.entries.first().is_some_and(|e| e.path == path) {
+                tracing::debug!("excluded {path} is in the way of the source's");
+                dl.entries.extend(found.entries);
+            }
+        }
+    }
     tracing::debug!(
         "listed {} source and {} destination entries in {:.3} s",
         sl.entries.len(),

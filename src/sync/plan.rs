@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::listing::{Entry, EntryKind, RelPath};
+use super::pattern::Excludes;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlanOpts {
@@ -248,6 +249,27 @@ pub fn plan(src: &[Entry], dst: &[Entry], opts: PlanOpts) -> Plan {
     Plan { actions, dir_meta }
 }
 
+/// Source entries that may stand where the destination has an entry the excludes hide: an entry
+/// whose type differs from the source's, and only that type is excluded (`--exclude 'x/'` over a
+/// source file `x`). rsync makes way for the source entry there as for any type change, so the
+/// engine lists each of these paths on the destination and adds what it finds before planning.
+/// Rare, so this costs nothing on an ordinary run: no destination entry is missing at a path a
+/// pattern would hide only as the other type.
+pub fn hidden_in_the_way(src: &[Entry], dst: &[Entry], excludes: &Excludes) -> Vec<RelPath> {
+    let dst_dirs: BTreeSet<&RelPath> = dst.iter().filter(|e| e.is_dir()).map(|e| &e.path).collect();
+    let dst_paths: BTreeSet<&RelPath> = dst.iter().map(|e| &e.path).collect();
+    src.iter()
+        .filter(|s| {
+            !s.path.is_root()
+                && !dst_paths.contains(&s.path)
+                && s.path.parent().is_some_and(|p| dst_dirs.contains(&p))
+                && excludes.is_excluded(s.path.as_str(), !s.is_dir())
+                && !excludes.is_excluded(s.path.as_str(), s.is_dir())
+        })
+        .map(|s| s.path.clone())
+        .collect()
+}
+
 /// A name as rsync prints it: a control character other than tab, and a backslash that would
 /// read as such an escape, become `\#ooo`, so that one change is always one line.
 fn escaped(s: &str) -> String {
@@ -359,6 +381,28 @@ mod tests {
             Time(t)
         }
     }
+    #[test]
+    fn only_entries_a_rule_hides_as_the_other_type_are_looked_up() {
+        let ex = Excludes::new(&["x/".to_string(), "*.log".to_string()]).unwrap();
+        let src = [
+            d(""),
+            f("x", 1, 1),
+            f("a.log", 1, 1),
+            d("sub"),
+            f("sub/x", 1, 1),
+            f("y", 1, 1),
+        ];
+        // `sub` is missing on the destination, so nothing can stand in the way beneath it;
+        // `a.log` is excluded as either type (a listing would not hold it); `y` no rule hides.
+        let dst = [d("")];
+        let want = vec![RelPath::parse("x").unwrap()];
+        assert_eq!(hidden_in_the_way(&src, &dst, &ex), want);
+        assert!(
+            hidden_in_the_way(&src, &[d(""), d("x")], &ex).is_empty(),
+            "listed already"
+        );
+    }
+
     fn lines(p: &Plan) -> Vec<String> {
         p.actions.iter().filter_map(itemize).collect()
     }
