@@ -227,7 +227,14 @@ pub struct SshArgs {
     vtun exec vm --cd /srv/app --env RUST_LOG=debug ./run.sh \"arg with spaces\"\n  \
     tar cz ./data | vtun exec vm tar xz -C /srv\n  \
     vtun exec vm -- -command-starting-with-a-dash\n  \
-    vtun exec vm --sh 'journalctl -u app | tail -n 50'")]
+    vtun exec vm --sh 'journalctl -u app | tail -n 50'\n\n\
+    Many VMs: a comma list, glob patterns over vers aliases, or --hosts FILE:\n  \
+    vtun exec vm1,vm2,vm3 -- uptime            each line prefixed 'NAME: '\n  \
+    vtun exec 'worker-*' --gather -- git rev-parse HEAD\n  \
+    vtun exec --hosts fleet.txt --timeout 60 --failed retry.txt -- ./deploy.sh\n\n\
+    Exit status with many VMs: 0 all succeeded; 255 any could not be reached or lost its\n\
+    connection; else 124 any timed out; else the highest remote exit status. A summary of\n\
+    each kind, with names, closes the run on stderr.")]
 pub struct ExecArgs {
     /// Allocate a PTY (stdout and stderr are then merged, as with ssh -t).
     #[arg(short = 't', long)]
@@ -241,16 +248,53 @@ pub struct ExecArgs {
     /// Run the command in this remote directory.
     #[arg(long = "cd", value_name = "DIR")]
     pub cd: Option<String>,
-    /// The VM: [user@]NAME.
-    #[arg(value_name = "VM")]
-    pub vm: String,
+    /// The VM: [user@]NAME, or a list (`vm1,vm2`, `'worker-*'`). Absent with --hosts.
+    #[arg(value_name = "VM", required_unless_present = "hosts")]
+    pub vm: Option<String>,
     /// The command and its arguments. The first operand after VM starts it and everything
     /// from there on belongs to it, flags included (`vtun exec vm ls -la`); options for vtun
     /// go before it. `--` before the command also works (needed when it starts with `-`).
-    #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
+    #[arg(
+        value_name = "CMD",
+        required_unless_present = "hosts",
+        trailing_var_arg = true
+    )]
     pub command: Vec<String>,
+    /// With many VMs: print each VM's output at the end, VMs with identical output and status
+    /// grouped under one header (clush -b).
+    #[arg(long, conflicts_with = "json", help_heading = "Many VMs")]
+    pub gather: bool,
+    /// With many VMs: one JSON object per VM and line (name, outcome, status, stdout, stderr,
+    /// seconds, error), as each finishes.
+    #[arg(long, help_heading = "Many VMs")]
+    pub json: bool,
+    /// With many VMs: send our stdin to every VM's command (read in full first). Without it,
+    /// the commands get no input.
+    #[arg(long, help_heading = "Many VMs")]
+    pub stdin: bool,
+    #[command(flatten)]
+    pub fanout: FanoutArgs,
     #[command(flatten)]
     pub identity: IdentityArgs,
+}
+
+/// What every command that can work on many VMs at once shares.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Many VMs")]
+pub struct FanoutArgs {
+    /// Read VM names from FILE, one per line (`#` comments; `-` is stdin). In cp and sync, the
+    /// remote operand is then `:PATH`.
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
+    /// Work on at most N VMs at once.
+    #[arg(short = 'f', long = "fanout", value_name = "N", default_value_t = 32)]
+    pub fanout: usize,
+    /// Stop what runs on a VM after SECS (counted as timed out; exit status 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Write the names of the VMs that did not succeed to FILE (for a rerun with --hosts).
+    #[arg(long, value_name = "FILE")]
+    pub failed: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -21,7 +21,13 @@ pub enum Failure {
     /// Interrupted by the user (Ctrl-C).
     #[error("interrupted")]
     Interrupted,
+    /// The remote command ran past its time limit and was stopped (`--timeout`).
+    #[error("timed out")]
+    TimedOut,
 }
+
+/// The status for a run stopped by `--timeout` (as timeout(1)).
+pub const EXIT_TIMEOUT: u8 = 124;
 
 impl Failure {
     pub fn connection(msg: impl Into<String>) -> anyhow::Error {
@@ -38,7 +44,7 @@ pub fn exit_code(outcome: anyhow::Result<u8>) -> ExitCode {
                 match f {
                     Failure::Remote(code) => return ExitCode::from(*code),
                     Failure::Interrupted => return ExitCode::from(130),
-                    Failure::Connection(_) => {}
+                    Failure::Connection(_) | Failure::TimedOut => {}
                 }
             }
             if is_broken_pipe(&err) && reader_gone(libc::STDOUT_FILENO) {
@@ -60,6 +66,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 Failure::Connection(_) => EXIT_CONNECT,
                 Failure::Remote(c) => *c,
                 Failure::Interrupted => 130,
+                Failure::TimedOut => EXIT_TIMEOUT,
             };
         }
         if cause.downcast_ref::<crate::tls::DialError>().is_some() {

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod delta;
 pub mod error;
 pub mod exec;
+pub mod fanout;
 pub mod fs;
 pub mod gateway;
 pub mod link;

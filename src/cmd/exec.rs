@@ -8,6 +8,7 @@ use anyhow::Result;
 use crate::cli::{ExecArgs, GlobalArgs};
 use crate::exec::quote::{parse_env, CommandSpec};
 use crate::exec::{ExecOptions, Stdio};
+use crate::fanout::{self, exec::Show};
 use crate::link::{Connector, ExecRequest, Start};
 use crate::settings::Settings;
 use crate::ssh::SshConnector;
@@ -15,25 +16,53 @@ use crate::target::Host;
 
 pub fn run(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
     let settings = super::settings(g, &args.identity.identity)?;
-    let host = settings.host(&args.vm)?;
+    // With --hosts every operand is the command's.
+    let (vm, argv) = match (&args.fanout.hosts, &args.vm) {
+        (Some(_), Some(first)) => (None, [vec![first.clone()], args.command.clone()].concat()),
+        (_, vm) => (vm.clone(), args.command.clone()),
+    };
+    if argv.is_empty() {
+        anyhow::bail!("no command given (vtun exec VM CMD…)");
+    }
     let env = args
         .env
         .iter()
         .map(|s| parse_env(s))
         .collect::<Result<Vec<_>>>()?;
     let spec = CommandSpec {
-        argv: args.command.clone(),
+        argv,
         shell_line: args.sh,
         env,
         cd: args.cd.clone(),
     };
+    let request = ExecRequest {
+        start: Start::Command(spec.render()),
+        pty: args.tty.then(crate::exec::local_pty),
+        env: Vec::new(),
+    };
+    let many = args.fanout.hosts.is_some() || vm.as_deref().is_some_and(fanout::is_list);
+    if many {
+        let show = match (args.gather, args.json) {
+            (true, _) => Show::Gather,
+            (_, true) => Show::Json,
+            _ => Show::Lines,
+        };
+        return super::fanout::exec(
+            &settings,
+            vm.as_deref(),
+            &args.fanout,
+            request,
+            show,
+            args.stdin,
+        );
+    }
+    let Some(vm) = vm else {
+        anyhow::bail!("no VM given");
+    };
+    let host = settings.host(&vm)?;
     let opts = ExecOptions {
-        request: ExecRequest {
-            start: Start::Command(spec.render()),
-            pty: args.tty.then(crate::exec::local_pty),
-            env: Vec::new(),
-        },
         raw: args.tty && crate::exec::stdin_is_tty(),
+        request,
     };
     on_vm(&settings, &host, opts)
 }

@@ -8,6 +8,7 @@ pub mod bench;
 mod completions;
 pub mod cp;
 pub mod exec;
+mod fanout;
 mod gateway;
 mod proxy;
 pub mod ssh;

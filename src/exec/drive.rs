@@ -16,12 +16,14 @@ use crate::link::{signal_number, ExecRequest, ExitStatus, Link};
 /// How long Ctrl-C waits for the server to confirm the channel is closed.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Run `req` on a new exec channel of `link`; the result is our exit status.
+/// Run `req` on a new exec channel of `link`; the result is our exit status. At `deadline` the
+/// remote command is stopped as for Ctrl-C and the run fails with [`Failure::TimedOut`].
 pub async fn drive(
     link: &dyn Link,
     req: ExecRequest,
     follow_resize: bool,
     io: Stdio,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<u8> {
     // Registered before anything is sent, so an early Ctrl-C still reaches the remote command.
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
@@ -36,6 +38,13 @@ pub async fn drive(
     let stdin_task = tokio::spawn(forward_stdin(io.stdin, channel.stdin));
     let (mut stdout, mut stderr) = (io.stdout, io.stderr);
 
+    let expired = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let outcome = {
         let out = copy_out(channel.stdout, &mut stdout);
         let err = copy_err(channel.stderr, &mut stderr);
@@ -49,8 +58,9 @@ pub async fn drive(
                 }
             };
             tokio::select! {
-                r = &mut work => break Some(r),
-                _ = &mut ctrl_c => break None,
+                r = &mut work => break Ok(r),
+                _ = &mut ctrl_c => break Err(Failure::Interrupted),
+                _ = &mut expired => break Err(Failure::TimedOut),
                 Some(()) = winched => {
                     if let Some((cols, rows)) = tty::size() {
                         control.resize(cols, rows).await;
@@ -63,15 +73,19 @@ pub async fn drive(
     };
     stdin_task.abort();
     let status = match outcome {
-        Some(r) => r?.2,
-        None => {
+        Ok(r) => r?.2,
+        Err(why) => {
             // End the remote command: SIGINT to it, then close the channel. sshd refuses
             // signals for root logins (no privilege separation); the close still ends a
             // command at its next write, as it would end under ssh. Waiting (briefly) for the
             // close to be confirmed proves both went out before we exit.
-            control.signal("INT").await;
+            let signal = match why {
+                Failure::TimedOut => "TERM",
+                _ => "INT",
+            };
+            control.signal(signal).await;
             let _ = tokio::time::timeout(CLOSE_WAIT, control.close()).await;
-            return Err(Failure::Interrupted.into());
+            return Err(why.into());
         }
     };
     match status {

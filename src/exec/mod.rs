@@ -49,7 +49,18 @@ pub async fn run(link: &dyn Link, opts: ExecOptions, io: Stdio) -> Result<u8> {
         true => Some(tty::RawMode::enable().context("cannot set the terminal to raw mode")?),
         false => None,
     };
-    drive::drive(link, opts.request, opts.raw, io).await
+    drive::drive(link, opts.request, opts.raw, io, None).await
+}
+
+/// Run a non-interactive command on `link`, stopped at `deadline` (it then fails with
+/// [`crate::error::Failure::TimedOut`]): one VM's part of a fan-out.
+pub async fn run_until(
+    link: &dyn Link,
+    request: ExecRequest,
+    io: Stdio,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<u8> {
+    drive::drive(link, request, false, io, deadline).await
 }
 
 /// Whether our stdin is a terminal.

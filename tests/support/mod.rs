@@ -226,6 +226,8 @@ pub struct Builder {
     idle_timeout: Option<f64>,
     faults: Vec<String>,
     extra_routes: Vec<String>,
+    /// Extra names (`NAME.vm.test`) routed to a VM's sshd: fleets for fan-out tests.
+    extra_names: Vec<(String, String)>,
 }
 
 impl Builder {
@@ -254,6 +256,15 @@ impl Builder {
 
     pub fn idle_timeout(mut self, secs: f64) -> Self {
         self.idle_timeout = Some(secs);
+        self
+    }
+
+    /// Route `NAME.vm.test` to VM `vm`'s sshd too, for each NAME: many VM names on few sshd.
+    pub fn names<S: AsRef<str>>(mut self, names: impl IntoIterator<Item = S>, vm: &str) -> Self {
+        for n in names {
+            self.extra_names
+                .push((n.as_ref().to_string(), vm.to_string()));
+        }
         self
     }
 
@@ -323,6 +334,13 @@ impl Builder {
                 vm.fqdn(),
                 format_args!("127.0.0.1:{}", vm.port)
             ));
+        }
+        for (name, on) in &self.extra_names {
+            let vm = vms
+                .iter()
+                .find(|v| &v.name == on)
+                .expect("name for unknown vm");
+            routes.push(format!("{name}.{DOMAIN}=127.0.0.1:{}", vm.port));
         }
 
         let ca_dir = root.join("ca");
@@ -779,6 +797,11 @@ impl Spawned {
 
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The child's stdin (spawned with `Stdio::piped()`); dropping it sends EOF.
+    pub fn take_stdin(&mut self) -> std::process::ChildStdin {
+        self.child.stdin.take().expect("stdin was not piped")
     }
 
     pub fn stdout_so_far(&self) -> Vec<u8> {
