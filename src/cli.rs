@@ -327,6 +327,8 @@ pub struct CpArgs {
     #[arg(value_name = "PATH", num_args = 2.., required = true)]
     pub paths: Vec<String>,
     #[command(flatten)]
+    pub fanout: FanoutArgs,
+    #[command(flatten)]
     pub identity: IdentityArgs,
 }
 
@@ -398,6 +400,8 @@ pub struct SyncArgs {
     /// Destination directory.
     #[arg(value_name = "DST")]
     pub dst: String,
+    #[command(flatten)]
+    pub fanout: FanoutArgs,
 }
 
 #[derive(Debug, Args)]

@@ -317,3 +317,105 @@ fn hosts_file_with_comments_and_from_stdin() {
     assert_eq!(out.code(), 1);
     assert!(out.stderr.contains("no VMs"), "{}", out.stderr);
 }
+
+fn vtun(bed: &TestBed, args: &[&str]) -> Out {
+    run_with_timeout(bed.vtun().args(["--wait", "0.5"]).args(args), LIMIT)
+}
+
+#[test]
+fn cp_pushes_to_every_vm_and_pulls_into_a_directory_per_vm() {
+    let bed = bed_with(4);
+    let src = bed.dir("src");
+    let data = random_bytes(3 << 20, 7);
+    std::fs::write(src.join("app.bin"), &data).unwrap();
+    std::fs::write(src.join("conf"), "v=1\n").unwrap();
+    // Every sshd of the bed is this machine: w01 (on a) and w02 (on b) write the same path at
+    // once, which atomic renames make safe.
+    let remote = bed.dir("vms");
+    std::fs::create_dir_all(remote.join("w01")).unwrap();
+    let list = fleet(4).join(",");
+    let to = format!("w01,w02:{}/", remote.join("w01").display());
+    let out = vtun(
+        &bed,
+        &[
+            "cp",
+            src.join("app.bin").to_str().unwrap(),
+            src.join("conf").to_str().unwrap(),
+            &to,
+        ],
+    );
+    out.assert_ok();
+    assert!(out.stderr.ends_with(": 2 ok\n"), "{}", out.stderr);
+    assert_eq!(hash_file(&remote.join("w01/app.bin")), hash(&data));
+    assert_eq!(
+        std::fs::read_to_string(remote.join("w01/conf")).unwrap(),
+        "v=1\n"
+    );
+
+    // Pull: DIR/<name>/… for each VM, as pslurp does.
+    let got = bed.dir("got");
+    let from = format!("{list}:{}", remote.join("w01/app.bin").display());
+    let out = vtun(&bed, &["cp", &from, got.to_str().unwrap()]);
+    out.assert_ok();
+    for name in fleet(4) {
+        assert_eq!(
+            hash_file(&got.join(&name).join("app.bin")),
+            hash(&data),
+            "{name}"
+        );
+    }
+    // One VM that has no such file: it is named, the others still arrive.
+    std::fs::remove_dir_all(&got).unwrap();
+    let from = format!("w01,gone:{}", remote.join("w01/app.bin").display());
+    let out = vtun(&bed, &["cp", &from, got.to_str().unwrap()]);
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert_eq!(hash_file(&got.join("w01/app.bin")), hash(&data));
+    assert!(
+        out.stderr.contains("1 ok, 1 unreachable (gone)"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn sync_to_several_vms_including_two_that_share_a_directory() {
+    let bed = bed_with(4);
+    let src = bed.dir("tree");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/big"), random_bytes(2 << 20, 3)).unwrap();
+    std::fs::write(src.join("small"), "s\n").unwrap();
+    let dst = bed.dir("shared");
+    // w01 and w03 are the same sshd and the same directory: two syncs into one place at once.
+    let to = format!("w01,w02,w03,w04:{}/", dst.display());
+    let out = vtun(&bed, &["sync", "-i", &format!("{}/", src.display()), &to]);
+    out.assert_ok();
+    assert!(out.stderr.ends_with(": 4 ok\n"), "{}", out.stderr);
+    assert_eq!(
+        hash_file(&dst.join("sub/big")),
+        hash_file(&src.join("sub/big"))
+    );
+    for line in out.stdout_str().lines() {
+        let (name, _) = line.split_once(": ").unwrap();
+        assert!(fleet(4).contains(&name.to_string()), "{line}");
+    }
+    let again = vtun(&bed, &["sync", "-i", &format!("{}/", src.display()), &to]);
+    again.assert_ok();
+    assert_eq!(again.stdout_str(), "", "a rerun changes nothing on any VM");
+
+    // --hosts with `:PATH`.
+    let file = bed.dir("lists").join("hosts");
+    std::fs::write(&file, "w02\nw04\n").unwrap();
+    let dst2 = bed.dir("other");
+    let out = vtun(
+        &bed,
+        &[
+            "sync",
+            "--hosts",
+            file.to_str().unwrap(),
+            &format!("{}/", src.display()),
+            &format!(":{}/", dst2.display()),
+        ],
+    );
+    out.assert_ok();
+    assert_eq!(std::fs::read_to_string(dst2.join("small")).unwrap(), "s\n");
+}

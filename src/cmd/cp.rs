@@ -21,6 +21,27 @@ pub fn options(args: &CpArgs) -> CpOptions {
 
 pub fn run(g: &GlobalArgs, args: &CpArgs) -> Result<u8> {
     let settings = super::settings(g, &args.identity.identity)?;
+    let hosts = args.fanout.hosts.is_some();
+    if let Some(list) = super::fanout::list_operand(&args.paths, hosts)? {
+        let opts = options(args);
+        return super::fanout::each_vm(
+            &settings,
+            &args.paths,
+            list,
+            &args.fanout,
+            move |s, paths, conn| {
+                let opts = CpOptions {
+                    paths,
+                    ..opts.clone()
+                };
+                async move {
+                    let mut out = Vec::new();
+                    let r = cp(&s, &opts, conn.as_ref(), &mut out).await;
+                    (r, out)
+                }
+            },
+        );
+    }
     let connector = SshConnector::new(settings.clone());
     let opts = options(args);
     Runtime::MultiThread.block_on(async {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::cli::FanoutArgs;
 use crate::fanout::exec::{exec_all, FanoutExec, Show};
-use crate::fanout::output::Lines;
+use crate::fanout::output::{Lines, Stream};
 use crate::fanout::{self, Target, VmResult};
 use crate::link::{Connector, ExecRequest};
 use crate::settings::Settings;
@@ -102,3 +102,191 @@ pub fn finish(results: &[VmResult], fa: &FanoutArgs, started: Instant, quiet: bo
     }
     Ok(status)
 }
+
+/// Where a VM list stands among cp or sync operands: `LIST:PATH`, or `:PATH` with `--hosts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOperand {
+    /// Which operand it is.
+    pub index: usize,
+    /// The list as written (`None`: the `--hosts` file's).
+    pub list: Option<String>,
+    pub path: String,
+}
+
+/// Find the one operand that names several VMs, if any.
+pub fn list_operand(paths: &[String], hosts: bool) -> Result<Option<ListOperand>> {
+    let mut found = Vec::new();
+    for (index, p) in paths.iter().enumerate() {
+        let Some(colon) = p.find(':') else { continue };
+        if p[..colon].contains('/') {
+            continue;
+        }
+        let (host, path) = (&p[..colon], &p[colon + 1..]);
+        if host.is_empty() && hosts {
+            found.push(ListOperand {
+                index,
+                list: None,
+                path: path.to_string(),
+            });
+        } else if fanout::is_list(host) {
+            found.push(ListOperand {
+                index,
+                list: Some(host.to_string()),
+                path: path.to_string(),
+            });
+        }
+    }
+    match found.len() {
+        0 if hosts => anyhow::bail!("with --hosts, write the VMs' side as :PATH (e.g. :/srv/app)"),
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => anyhow::bail!("only one operand can name several VMs"),
+    }
+}
+
+/// Run `work` once per VM of `list` (the operand replaced by `NAME:PATH`, and for a pull the
+/// destination by `DIR/NAME`), each VM's output lines prefixed with its name.
+pub fn each_vm<F, Fut>(
+    settings: &Settings,
+    paths: &[String],
+    list: ListOperand,
+    fa: &FanoutArgs,
+    work: F,
+) -> Result<u8>
+where
+    F: Fn(Settings, Vec<String>, Arc<SshConnector>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (Result<u8>, Vec<u8>)> + 'static,
+{
+    let targets = targets(settings, list.list.as_deref(), fa.hosts.as_deref())?;
+    let (fanout, timeout) = limits(fa)?;
+    let last = paths.len() - 1;
+    let pull = list.index != last;
+    if pull && last != 1 {
+        anyhow::bail!("a copy from several VMs takes one source (VMS:PATH DIR)");
+    }
+    if pull
+        && paths[last].contains(':')
+        && !paths[last][..paths[last].find(':').unwrap_or(0)].contains('/')
+    {
+        anyhow::bail!(
+            "a copy from several VMs goes into a local directory (one subdirectory per VM)"
+        );
+    }
+    fanout::raise_fd_limit();
+    let started = Instant::now();
+    // Progress bars for many VMs at once would be noise: the summary says what happened.
+    let quiet = Settings {
+        quiet: true,
+        ..settings.clone()
+    };
+    let connector = Arc::new(SshConnector::new(quiet.clone()));
+    let (paths, work) = (paths.to_vec(), Arc::new(work));
+    let results = super::Runtime::MultiThread.block_on(async move {
+        let (lines, writer) = Lines::start(tokio::io::stdout(), tokio::io::stderr());
+        let results = fanout::run_all(targets, fanout, |t, pacer| {
+            let (lines, work, connector, quiet) = (
+                lines.clone(),
+                work.clone(),
+                connector.clone(),
+                quiet.clone(),
+            );
+            let mut argv = paths.clone();
+            argv[list.index] = format!("{}:{}", t.label, list.path);
+            let dir = pull.then(|| std::path::PathBuf::from(&paths[last]).join(&t.label));
+            if let Some(d) = &dir {
+                argv[last] = d.display().to_string();
+            }
+            async move {
+                let t0 = Instant::now();
+                let run = async {
+                    if let Some(d) = &dir {
+                        if let Err(e) = tokio::fs::create_dir_all(d).await {
+                            return (
+                                Err(anyhow::Error::new(e)
+                                    .context(format!("cannot create {}", d.display()))),
+                                Vec::new(),
+                            );
+                        }
+                    }
+                    // Connected here, paced, so that a VM that cannot be reached is told apart
+                    // from one lost mid-way; `work` then finds the session in the connector.
+                    if let Err(e) = pacer.connect(connector.connect(&t.host)).await {
+                        return (Err(Unreachable(e).into()), Vec::new());
+                    }
+                    // The cp and sync engines' futures are not Send, so each VM's runs on a
+                    // blocking thread of its own; what they spawn still uses the workers.
+                    // Dropping `_stop` (at --timeout) drops the VM's work there too.
+                    let rt = tokio::runtime::Handle::current();
+                    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                    let job = move || {
+                        rt.block_on(async move {
+                            tokio::select! {
+                                r = work(quiet, argv, connector) => Some(r),
+                                _ = stopped => None,
+                            }
+                        })
+                    };
+                    match tokio::task::spawn_blocking(job).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => (Err(crate::error::Failure::TimedOut.into()), Vec::new()),
+                        Err(e) => (Err(anyhow::anyhow!("internal error: {e}")), Vec::new()),
+                    }
+                };
+                let (r, out) = match timeout {
+                    Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+                        (Err(crate::error::Failure::TimedOut.into()), Vec::new())
+                    }),
+                    None => run.await,
+                };
+                let outcome = match r
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.downcast_ref::<Unreachable>())
+                {
+                    Some(u) => fanout::Outcome::Unreachable(format!("{:#}", u.0)),
+                    None => fanout::Outcome::of(&r),
+                };
+                let prefix = format!("{}: ", t.label);
+                let mut text = Vec::new();
+                for line in out.split_inclusive(|&b| b == b'\n') {
+                    text.extend_from_slice(prefix.as_bytes());
+                    text.extend_from_slice(line);
+                    if !line.ends_with(b"\n") {
+                        text.push(b'\n');
+                    }
+                }
+                if !text.is_empty() {
+                    lines.write(Stream::Out, text).await;
+                }
+                if let Err(e) = &r {
+                    let msg: String = match e.downcast_ref::<crate::sync::Partial>() {
+                        Some(p) => p
+                            .lines()
+                            .iter()
+                            .map(|l| format!("{prefix}vtun: {l}\n"))
+                            .collect(),
+                        None => format!("{prefix}vtun: {e:#}\n"),
+                    };
+                    lines.write(Stream::Err, msg.into_bytes()).await;
+                }
+                VmResult {
+                    label: t.label,
+                    outcome,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                }
+            }
+        })
+        .await;
+        drop(lines);
+        let _ = writer.await;
+        Ok(results)
+    })?;
+    finish(&results, fa, started, settings.quiet)
+}
+
+/// A VM's connection could not be made (the rest of its run never started).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct Unreachable(anyhow::Error);

@@ -27,6 +27,30 @@ pub fn options(args: &SyncArgs) -> SyncOptions {
 
 pub fn run(g: &GlobalArgs, args: &SyncArgs) -> Result<u8> {
     let settings = super::settings(g, &args.identity)?;
+    let operands = [args.src.clone(), args.dst.clone()];
+    if let Some(list) = super::fanout::list_operand(&operands, args.fanout.hosts.is_some())? {
+        let opts = options(args);
+        return super::fanout::each_vm(
+            &settings,
+            &operands,
+            list,
+            &args.fanout,
+            move |s, paths, conn| {
+                let opts = SyncOptions {
+                    src: paths[0].clone(),
+                    dst: paths[1].clone(),
+                    ..opts.clone()
+                };
+                async move {
+                    let mut out = Vec::new();
+                    let r = run_sync(&s, &opts, conn.as_ref(), &mut out)
+                        .await
+                        .map(|_| 0);
+                    (r, out)
+                }
+            },
+        );
+    }
     let connector = SshConnector::new(settings.clone());
     let opts = options(args);
     Runtime::MultiThread.block_on(async {
@@ -36,7 +60,9 @@ pub fn run(g: &GlobalArgs, args: &SyncArgs) -> Result<u8> {
             // A partial run exits with its own status, as rsync's 23 and 24.
             Err(e) => match e.downcast_ref::<Partial>() {
                 Some(p) => {
-                    eprintln!("vtun: {p}");
+                    for line in p.lines() {
+                        eprintln!("vtun: {line}");
+                    }
                     Ok(p.code)
                 }
                 None => Err(e),

@@ -57,14 +57,29 @@ pub struct SyncOptions {
     pub json: bool,
 }
 
-/// A run that synced everything it could, but not everything: each failed entry has had its
-/// line on stderr. `code` is [`engine::EXIT_PARTIAL`] (23), or [`engine::EXIT_VANISHED`] (24)
-/// when the only failures were source files that vanished before they could be sent.
+/// A run that synced everything it could, but not everything. `code` is
+/// [`engine::EXIT_PARTIAL`] (23), or [`engine::EXIT_VANISHED`] (24) when the only failures were
+/// source files that vanished before they could be sent. The command layer prints one line per
+/// entry in `failed`, then this.
 #[derive(Debug, thiserror::Error)]
-#[error("{failed} entries could not be synced (partial sync, exit status {code})")]
+#[error("{} entries could not be synced (partial sync, exit status {code})", failed.len())]
 pub struct Partial {
-    pub failed: usize,
+    /// Each entry that failed, and why.
+    pub failed: Vec<(String, String)>,
     pub code: u8,
+}
+
+impl Partial {
+    /// The lines to print: one per failed entry, then the count.
+    pub fn lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(path, why)| format!("sync: {path}: {why}"))
+            .collect();
+        v.push(self.to_string());
+        v
+    }
 }
 
 /// `vtun sync`: itemized changes (with `-i` or `-n`) and the `--json` summary go to `out`;
@@ -133,12 +148,13 @@ pub async fn run_sync(
     }
     out.flush().ok();
     if !summary.failed.is_empty() {
-        for (path, why) in &summary.failed {
-            eprintln!("vtun: sync: {path}: {why}");
-        }
         return Err(Partial {
-            failed: summary.failed.len(),
             code: summary.exit_code(),
+            failed: summary
+                .failed
+                .iter()
+                .map(|(path, why)| (path.to_string(), why.to_string()))
+                .collect(),
         }
         .into());
     }
