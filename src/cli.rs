@@ -113,6 +113,13 @@ pub struct GlobalArgs {
     )]
     pub wait: f64,
 
+    /// Do not resume a paused or sleeping VM through the Vers API; say how to resume it instead.
+    ///
+    /// With an API key (VERS_API_KEY or ~/.versrc), a VM that refuses connections is looked
+    /// up: an unknown VM fails at once, a paused or sleeping one is resumed and waited for.
+    #[arg(long, global = true, env = "VTUN_NO_RESUME")]
+    pub no_resume: bool,
+
     /// More diagnostics on stderr (repeat for more; RUST_LOG also works).
     #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -207,9 +214,9 @@ pub struct SshArgs {
     /// Never allocate a PTY.
     #[arg(short = 'T')]
     pub no_tty: bool,
-    /// The VM: [user@]NAME.
+    /// The VM: [user@]NAME, an alias or HEAD [default: HEAD, the VM in ./.vers/HEAD].
     #[arg(value_name = "VM")]
-    pub vm: String,
+    pub vm: Option<String>,
     /// Command to run instead of a login shell (joined with spaces, as ssh does).
     #[arg(
         value_name = "CMD",

@@ -1,5 +1,7 @@
 //! Public-key authentication in a fixed order, stopping at the first key that works: `-i` files,
-//! ssh-agent keys, the vers CLI's cached key for the VM, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
+//! ssh-agent keys, the vers CLI's cached key for the VM (and pi-v's copy), then
+//! ~/.ssh/id_ed25519, id_ecdsa, id_rsa; last, with a Vers API key, the VM's key fetched from the
+//! API (once per connect: a cached key the VM refuses means the VM was recreated).
 //!
 //! A key the server refuses costs one round trip (russh asks "would you accept this key?" before
 //! signing), the one it accepts two. A key already offered is not offered again: sshd
@@ -21,9 +23,10 @@ use super::SshError;
 
 /// The key files tried after the agent, in order (`-i` files come first, separately).
 pub fn default_key_files(vm_id: &str) -> Vec<PathBuf> {
-    let mut files = vec![std::env::temp_dir()
-        .join("vers-ssh-keys")
-        .join(format!("{vm_id}.key"))];
+    let mut files = vec![
+        crate::vers::keys::cache_file(vm_id),
+        crate::vers::keys::pi_v_file(vm_id),
+    ];
     if let Some(home) = dirs::home_dir() {
         for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
             files.push(home.join(".ssh").join(name));
@@ -49,6 +52,7 @@ pub async fn authenticate(
     host: &crate::target::Host,
     identities: &[PathBuf],
     timeout: Duration,
+    api: Option<&crate::vers::VmApi>,
 ) -> anyhow::Result<()> {
     let mut a = Attempts {
         handle,
@@ -71,11 +75,26 @@ pub async fn authenticate(
             return Ok(());
         }
     }
-    let tried = if a.tried.is_empty() {
-        "no keys found (use -i FILE, ssh-agent, or the vers CLI's key cache)".to_string()
+    if let Some(api) = api.filter(|api| !api.has_fetched()) {
+        match api.fetch_key().await {
+            // The same key as a refused cached one is not offered again (see first_offer).
+            Ok(path) => {
+                if a.try_file(&path, false).await? {
+                    return Ok(());
+                }
+            }
+            Err(e) => api.note(&e),
+        }
+    }
+    let mut tried = if a.tried.is_empty() {
+        "no keys found (use -i FILE, ssh-agent, the vers CLI's key cache, or VERS_API_KEY)"
+            .to_string()
     } else {
         format!("tried {}", a.tried.join(", "))
     };
+    if let Some(why) = api.and_then(|api| api.noted()) {
+        tried = format!("{tried}; no key from the Vers API: {why}");
+    }
     Err(SshError::Auth(format!(
         "permission denied for {user}@{}: {tried}",
         host.name

@@ -1,12 +1,17 @@
 //! The boot race: a VM that was just started or resumed refuses or resets connections (or the
 //! edge closes them before sshd says hello) for a few seconds. Those failures are retried with
 //! backoff for `--wait`; authentication, host-key and certificate failures never are.
+//!
+//! With the Vers API at hand, the first such failure also asks for the VM's state: an unknown
+//! VM then fails at once instead of after `--wait`, and a paused one is resumed (and the wait
+//! starts afresh from the resume).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use crate::settings::Settings;
 use crate::target::Host;
+use crate::vers::{Verdict, VmApi};
 
 /// The outcome of one connection attempt.
 pub enum Attempt<T> {
@@ -22,13 +27,14 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 pub async fn with_boot_wait<T, F, Fut>(
     settings: &Settings,
     host: &Host,
+    api: Option<&VmApi>,
     mut attempt: F,
 ) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Attempt<T>>,
 {
-    let start = Instant::now();
+    let mut start = Instant::now();
     let mut delay = FIRST_DELAY;
     let mut announced = false;
     loop {
@@ -36,6 +42,13 @@ where
             Attempt::Done(v) => return Ok(v),
             Attempt::Failed(e, t) => (e, t),
         };
+        if let (true, Some(api)) = (transient, api) {
+            tracing::debug!("asking the Vers API about the VM after: {err:#}");
+            if api.ensure_running().await? == Verdict::Resumed {
+                start = Instant::now();
+                delay = FIRST_DELAY;
+            }
+        }
         let waited = start.elapsed();
         if !transient || waited >= settings.wait {
             if transient && !settings.wait.is_zero() {
