@@ -15,6 +15,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// NAME with a dot is used as is. A remote path is `VM:PATH`; as with scp, a `/` before the first
 /// `:` makes an operand local.
 ///
+/// The vers CLI's names work everywhere: an alias from ~/.vers/aliases.json, or HEAD (the VM in
+/// ./.vers/HEAD), is resolved to the VM's id first. With a Vers API key (VERS_API_KEY or apiKey
+/// in ~/.versrc; API at VERS_URL, default https://api.vers.sh) vtun fetches a VM's key when it
+/// has none that works, names a VM the account does not have, and resumes a paused one.
+///
 /// Exit status: the remote command's status when there is one; 255 when vtun could not connect,
 /// authenticate, or lost the connection; 23/24 for a partial `vtun sync` (as rsync's); 1 for
 /// other failures.
@@ -136,7 +141,8 @@ pub struct IdentityArgs {
     /// Private key file to authenticate with (repeatable; tried first, in order).
     ///
     /// Then keys in ssh-agent (SSH_AUTH_SOCK), the key the vers CLI caches for the VM
-    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), and ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
+    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), ~/.ssh/id_ed25519, id_ecdsa, id_rsa, and last, with a
+    /// Vers API key, the VM's key from the API (written to that cache, mode 0600).
     #[arg(
         short = 'i',
         long,
@@ -167,6 +173,9 @@ pub enum Command {
     /// stdout carries only the stream; errors are one `vtun:` line on stderr and exit 255.
     Proxy(ProxyArgs),
     /// Interactive shell on a VM (PTY when stdin is a terminal), or run CMD like `ssh VM CMD`.
+    ///
+    /// With no VM, the VM in ./.vers/HEAD, as `vers` commands do. A command needs a VM before it
+    /// (`vtun ssh HEAD uptime`): the first operand is always the VM.
     Ssh(SshArgs),
     /// Run a command on a VM: stdout/stderr kept apart, stdin streamed, remote exit status.
     ///
@@ -201,7 +210,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Host to reach: a VM id, a full name, or NAME:PORT.
+    /// Host to reach: a VM id, a vers alias, HEAD, a full name, or NAME:PORT.
     #[arg(value_name = "HOST")]
     pub host: String,
 }
@@ -248,7 +257,7 @@ pub struct ExecArgs {
     /// Run the command in this remote directory.
     #[arg(long = "cd", value_name = "DIR")]
     pub cd: Option<String>,
-    /// The VM: [user@]NAME.
+    /// The VM: [user@]NAME (an id, a vers alias or HEAD).
     #[arg(value_name = "VM")]
     pub vm: String,
     /// The command and its arguments. The first operand after VM starts it and everything
@@ -374,7 +383,7 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// The VM: [user@]NAME.
+    /// The VM: [user@]NAME (an id, a vers alias or HEAD).
     #[arg(value_name = "VM")]
     pub vm: String,
     #[command(flatten)]
@@ -460,6 +469,21 @@ mod tests {
         let cli = Cli::try_parse_from(["vtun", "sync", "-i", "a/", "vm:b"]).unwrap();
         match cli.command {
             Command::Sync(s) => assert!(s.itemize),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ssh_without_a_vm_means_head() {
+        let cli = Cli::try_parse_from(["vtun", "ssh"]).unwrap();
+        match cli.command {
+            Command::Ssh(s) => assert_eq!((s.vm, s.command.len()), (None, 0)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["vtun", "--no-resume", "ssh", "HEAD", "uptime"]).unwrap();
+        assert!(cli.global.no_resume);
+        match cli.command {
+            Command::Ssh(s) => assert_eq!(s.vm.as_deref(), Some("HEAD")),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -72,6 +72,7 @@ impl ApiConfig {
 
     /// A client for this API (builds the TLS configuration).
     pub fn client(&self) -> Result<Client> {
+        tracing::debug!(base = %self.base, key = self.key_source, "using the Vers API");
         let tls = crate::tls::client_config(&self.ca_files, false)?;
         let agent = ureq::AgentBuilder::new()
             .timeout(TIMEOUT)
@@ -286,4 +287,41 @@ pub async fn blocking<T: Send + 'static>(
             what: format!("call failed: {e}"),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_keys() {
+        let c = ApiConfig {
+            base: DEFAULT_URL.into(),
+            key: "sekrit-api-key".into(),
+            key_source: "VERS_API_KEY",
+            ca_files: Vec::new(),
+        };
+        assert!(!format!("{c:?}").contains("sekrit"));
+        let k: SshKey =
+            serde_json::from_str(r#"{"ssh_private_key": "-----BEGIN sekrit", "ssh_port": 22}"#)
+                .unwrap();
+        assert!(!format!("{k:?}").contains("sekrit"));
+        assert_eq!(k.ssh_port, Some(22));
+    }
+
+    #[test]
+    fn states_parse_and_unknown_ones_are_kept() {
+        assert_eq!(VmState::parse("paused"), VmState::Paused);
+        assert_eq!(VmState::parse("Running"), VmState::Running);
+        assert_eq!(VmState::parse("sleeping").to_string(), "sleeping");
+        assert_eq!(VmState::parse("odd"), VmState::Other("odd".into()));
+    }
+
+    #[test]
+    fn the_wrong_key_message_is_in_user_terms() {
+        assert_eq!(
+            ApiError::Unauthorized.to_string(),
+            "the Vers API refused the key (check VERS_API_KEY or ~/.versrc)"
+        );
+    }
 }
