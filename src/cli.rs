@@ -141,8 +141,9 @@ pub struct IdentityArgs {
     /// Private key file to authenticate with (repeatable; tried first, in order).
     ///
     /// Then keys in ssh-agent (SSH_AUTH_SOCK), the key the vers CLI caches for the VM
-    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), ~/.ssh/id_ed25519, id_ecdsa, id_rsa, and last, with a
-    /// Vers API key, the VM's key from the API (written to that cache, mode 0600).
+    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), with a Vers API key the VM's key from the API when
+    /// that one is missing or refused (written to that cache, mode 0600), then ~/.ssh/id_ed25519,
+    /// id_ecdsa, id_rsa.
     #[arg(
         short = 'i',
         long,

@@ -391,3 +391,94 @@ fn vtun_proxy_resolves_an_alias_under_real_ssh() {
     let log = bed.gateway_log();
     assert!(log.contains(&format!("{ID}.{DOMAIN}")), "{log}");
 }
+
+#[test]
+fn a_booting_vm_is_waited_for_and_a_dead_one_is_one_line() {
+    let mut bed = TestBed::builder().vm(ID).start();
+    bed.vm_mut(ID).pause();
+    let api = api_with_vm(&bed, "booting");
+    let cache = cache_file(&bed, ID);
+    std::fs::create_dir_all(cache.parent().expect("dir")).expect("mkdir");
+    std::fs::copy(&bed.user_key, &cache).expect("copy");
+
+    // Dead: said at once, nothing resumed.
+    api.set_state(ID, "dead");
+    let t = Instant::now();
+    let out = echo(vtun_api(&bed, &api), ID, "x");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("is dead"), "{}", out.stderr);
+
+    // Booting: vtun keeps waiting (no resume) until sshd answers.
+    api.set_state(ID, "booting");
+    let before = api.requests().len();
+    let power = bed.vm(ID).power();
+    let boot = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        power.on();
+    });
+    let out = echo(vtun_api(&bed, &api), ID, "booted");
+    boot.join().expect("boot thread");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "booted\n");
+    assert_eq!(
+        api.lines()[before..],
+        [format!("GET /api/v1/vm/{ID}/status")]
+    );
+}
+
+#[test]
+fn a_server_error_or_429_from_the_api_is_retried_once() {
+    let bed = TestBed::builder().vm(ID).start();
+    let api = api_with_vm(&bed, "running");
+    api.fail_next(&[503]);
+    let out = echo(vtun_api(&bed, &api), ID, "after-503");
+    out.assert_ok();
+    assert_eq!(api.requests().len(), 2, "{:?}", api.lines());
+
+    // Two in a row: no key from the API, and the line says why (not "HTTP 503" alone).
+    std::fs::remove_file(cache_file(&bed, ID)).expect("rm");
+    api.fail_next(&[429, 500]);
+    let out = echo(vtun_api(&bed, &api), ID, "x");
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert!(out.stderr.contains("the Vers API at"), "{}", out.stderr);
+    assert_eq!(api.requests().len(), 4, "{:?}", api.lines());
+}
+
+#[test]
+fn the_api_is_reached_over_tls_verified_with_the_ca_file() {
+    // The bed's gateway terminates TLS for `localhost` with the bed's CA and hands the stream to
+    // the stand-in API: the same roots as the edge, plus --ca-file.
+    let api = VersApi::start(API_KEY);
+    let bed = TestBed::builder()
+        .vm(ID)
+        .route(&format!("localhost=127.0.0.1:{}", api.port))
+        .start();
+    api.add_vm(
+        ID,
+        FakeVm {
+            state: "running".into(),
+            private_key: read(&bed.user_key),
+            on_resume: None,
+        },
+    );
+    let https = format!("https://localhost:{}", bed.gateway_addr.port());
+    let mut cmd = bed.vtun_bare();
+    cmd.env("VERS_URL", &https).env("VERS_API_KEY", API_KEY);
+    let out = echo(cmd, ID, "over-tls");
+    out.assert_ok();
+    assert_eq!(api.lines(), [format!("GET /api/v1/vm/{ID}/ssh_key")]);
+
+    // Without the CA the API's certificate is refused: no key, and nothing sent.
+    std::fs::remove_file(cache_file(&bed, ID)).expect("rm");
+    let mut cmd = bed.vtun_bare();
+    cmd.env("VERS_URL", &https)
+        .env("VERS_API_KEY", API_KEY)
+        .env_remove("VTUN_CA_FILE")
+        .args(["--insecure"]);
+    let out = echo(cmd, ID, "x");
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be reached"), "{}", out.stderr);
+    assert_eq!(api.requests().len(), 1, "{:?}", api.lines());
+}

@@ -1,7 +1,8 @@
 //! Public-key authentication in a fixed order, stopping at the first key that works: `-i` files,
-//! ssh-agent keys, the vers CLI's cached key for the VM (and pi-v's copy), then
-//! ~/.ssh/id_ed25519, id_ecdsa, id_rsa; last, with a Vers API key, the VM's key fetched from the
-//! API (once per connect: a cached key the VM refuses means the VM was recreated).
+//! ssh-agent keys, the vers CLI's cached key for the VM and pi-v's copy, then (with a Vers API
+//! key, when those are missing or refused) the VM's key fetched from the API into the cache, once
+//! per connect (a cached key the VM refuses means the VM was recreated); then ~/.ssh/id_ed25519,
+//! id_ecdsa, id_rsa.
 //!
 //! A key the server refuses costs one round trip (russh asks "would you accept this key?" before
 //! signing), the one it accepts two. A key already offered is not offered again: sshd
@@ -70,20 +71,25 @@ pub async fn authenticate(
     if a.try_agent().await? {
         return Ok(());
     }
+    let last_cached = crate::vers::keys::pi_v_file(host.vm_id());
     for path in default_key_files(host.vm_id()) {
         if a.try_file(&path, false).await? {
             return Ok(());
         }
-    }
-    if let Some(api) = api.filter(|api| !api.has_fetched()) {
-        match api.fetch_key().await {
-            // The same key as a refused cached one is not offered again (see first_offer).
-            Ok(path) => {
-                if a.try_file(&path, false).await? {
-                    return Ok(());
+        // Right after the cached keys, which were refused or missing: the API's key, before
+        // ~/.ssh keys use up sshd's MaxAuthTries.
+        if path == last_cached {
+            if let Some(api) = api.filter(|api| !api.has_fetched()) {
+                match api.fetch_key().await {
+                    // The same key as a refused cached one is not offered again (first_offer).
+                    Ok(path) => {
+                        if a.try_file(&path, false).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => api.note(&e),
                 }
             }
-            Err(e) => api.note(&e),
         }
     }
     let mut tried = if a.tried.is_empty() {

@@ -18,6 +18,9 @@ pub enum Attempt<T> {
     Done(T),
     /// The error, and whether the VM may simply not be up yet.
     Failed(anyhow::Error, bool),
+    /// No SSH banner within the connect timeout: not retried (it already took that long), but
+    /// the way a VM that is not running may fail, so worth asking the Vers API about.
+    Stalled(anyhow::Error),
 }
 
 const FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -38,15 +41,17 @@ where
     let mut delay = FIRST_DELAY;
     let mut announced = false;
     loop {
-        let (err, transient) = match attempt().await {
+        let (err, mut transient, ask) = match attempt().await {
             Attempt::Done(v) => return Ok(v),
-            Attempt::Failed(e, t) => (e, t),
+            Attempt::Failed(e, t) => (e, t, t),
+            Attempt::Stalled(e) => (e, false, true),
         };
-        if let (true, Some(api)) = (transient, api) {
+        if let (true, Some(api)) = (ask, api) {
             tracing::debug!("asking the Vers API about the VM after: {err:#}");
             if api.ensure_running().await? == Verdict::Resumed {
                 start = Instant::now();
                 delay = FIRST_DELAY;
+                transient = true;
             }
         }
         let waited = start.elapsed();

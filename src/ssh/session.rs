@@ -203,7 +203,7 @@ async fn attempt(
                 host.name,
                 settings.tls.connect_timeout.as_secs_f64()
             );
-            return Attempt::Failed(SshError::Protocol(msg).into(), false);
+            return Attempt::Stalled(SshError::Protocol(msg).into());
         }
     };
     let user = settings.user_for(host);

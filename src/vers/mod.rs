@@ -31,7 +31,7 @@ pub struct VmApi {
     pub shown: String,
     resume: bool,
     quiet: bool,
-    /// A key was fetched during this connect (fetch at most once).
+    /// A key was asked for during this connect (ask at most once, plus once after a resume).
     fetched: AtomicBool,
     /// The state was asked for during this connect (ask at most once).
     checked: AtomicBool,
@@ -80,13 +80,14 @@ impl VmApi {
             })
     }
 
-    /// Whether a key already came from the API during this connect.
+    /// Whether a key was already asked for during this connect.
     pub fn has_fetched(&self) -> bool {
         self.fetched.load(Ordering::SeqCst)
     }
 
     /// Fetch the VM's key and write it to the shared cache; returns the cache file.
     pub async fn fetch_key(&self) -> Result<PathBuf, ApiError> {
+        self.fetched.store(true, Ordering::SeqCst);
         let client = self.client()?;
         let id = self.id.clone();
         let key = blocking(move || client.ssh_key(&id)).await?;
@@ -95,7 +96,6 @@ impl VmApi {
             base: self.config.base.clone(),
             what: format!("gave a key vtun could not cache: {e:#}"),
         })?;
-        self.fetched.store(true, Ordering::SeqCst);
         Ok(path)
     }
 

@@ -42,6 +42,8 @@ struct Shared {
     api_key: String,
     vms: HashMap<String, FakeVm>,
     requests: Vec<Request>,
+    /// Answer the next requests with these statuses (a flaky API), before anything else.
+    failures: Vec<u16>,
 }
 
 pub struct VersApi {
@@ -60,6 +62,7 @@ impl VersApi {
             api_key: api_key.to_string(),
             vms: HashMap::new(),
             requests: Vec::new(),
+            failures: Vec::new(),
         }));
         let closing = Arc::new(AtomicBool::new(false));
         let (s, c) = (shared.clone(), closing.clone());
@@ -87,6 +90,17 @@ impl VersApi {
 
     pub fn add_vm(&self, id: &str, vm: FakeVm) {
         self.lock().vms.insert(id.to_string(), vm);
+    }
+
+    /// Answer the next requests with `codes`, in order (e.g. `[503]`: one server error).
+    pub fn fail_next(&self, codes: &[u16]) {
+        self.lock().failures = codes.iter().rev().copied().collect();
+    }
+
+    pub fn set_state(&self, id: &str, state: &str) {
+        if let Some(vm) = self.lock().vms.get_mut(id) {
+            vm.state = state.to_string();
+        }
     }
 
     pub fn state_of(&self, id: &str) -> Option<String> {
@@ -155,6 +169,7 @@ fn serve(conn: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> {
         401 => "Unauthorized",
         404 => "Not Found",
         409 => "Conflict",
+        429 => "Too Many Requests",
         _ => "Error",
     };
     let mut out = conn;
@@ -177,6 +192,9 @@ fn error(code: u16, msg: &str) -> (u16, String) {
 fn answer(req: &Request, shared: &Mutex<Shared>) -> (u16, String) {
     let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
     s.requests.push(req.clone());
+    if let Some(code) = s.failures.pop() {
+        return error(code, "try again later");
+    }
     if req.authorization.as_deref() != Some(&format!("Bearer {}", s.api_key)) {
         return error(401, "invalid API key");
     }
