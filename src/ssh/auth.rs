@@ -92,15 +92,19 @@ pub async fn authenticate(
             }
         }
     }
-    let mut tried = if a.tried.is_empty() {
-        "no keys found (use -i FILE, ssh-agent, the vers CLI's key cache, or VERS_API_KEY)"
-            .to_string()
-    } else {
-        format!("tried {}", a.tried.join(", "))
+    let noted = api.and_then(|api| api.noted());
+    let tried = match (a.tried.is_empty(), noted) {
+        (true, None) => {
+            "no keys found (use -i FILE, ssh-agent, the vers CLI's key cache, or VERS_API_KEY)"
+                .to_string()
+        }
+        (true, Some(why)) => format!("no key from the Vers API: {why}; no other key found"),
+        (false, None) => format!("tried {}", a.tried.join(", ")),
+        (false, Some(why)) => format!(
+            "tried {}; no key from the Vers API: {why}",
+            a.tried.join(", ")
+        ),
     };
-    if let Some(why) = api.and_then(|api| api.noted()) {
-        tried = format!("{tried}; no key from the Vers API: {why}");
-    }
     Err(SshError::Auth(format!(
         "permission denied for {user}@{}: {tried}",
         host.name

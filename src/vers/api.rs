@@ -270,11 +270,29 @@ impl Client {
                     }
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    return Err(self.other(&format!("cannot be reached: {t}")));
+                    return Err(self.other(&format!("cannot be reached: {}", transport(&t))));
                 }
             }
         }
     }
+}
+
+/// A transport failure in one line without the URL (the message names the base already):
+/// "connection refused", "invalid peer certificate: UnknownIssuer (see --ca-file)".
+fn transport(t: &ureq::Transport) -> String {
+    let mut why = match t.message() {
+        Some(m) => m.to_string(),
+        None => t.kind().to_string(),
+    };
+    let mut cause = std::error::Error::source(t);
+    while let Some(c) = cause {
+        why = format!("{why}: {c}");
+        cause = c.source();
+    }
+    if why.contains("certificate") {
+        why.push_str(" (see --ca-file)");
+    }
+    why
 }
 
 /// Run a blocking API call off the async runtime's workers.
