@@ -482,3 +482,59 @@ fn the_api_is_reached_over_tls_verified_with_the_ca_file() {
     assert!(out.stderr.contains("cannot be reached"), "{}", out.stderr);
     assert_eq!(api.requests().len(), 1, "{:?}", api.lines());
 }
+
+/// Real ssh through `vtun proxy %h`, with the API in the environment ssh hands its ProxyCommand.
+fn ssh_api(bed: &TestBed, api: &VersApi) -> Command {
+    let mut cmd = bed.ssh();
+    cmd.env("VERS_URL", api.url()).env("VERS_API_KEY", API_KEY);
+    cmd
+}
+
+#[test]
+fn ssh_through_vtun_proxy_resumes_a_paused_vm_transparently() {
+    let mut bed = TestBed::builder().vm(ID).start();
+    bed.vm_mut(ID).pause();
+    let api = api_with_vm(&bed, "paused");
+    write_aliases(&bed, &format!(r#"{{"sleepy": "{ID}"}}"#));
+    let mut cmd = ssh_api(&bed, &api);
+    cmd.args(["sleepy", "echo", "awake"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "awake\n");
+    assert!(
+        out.stderr.contains("sleepy is paused; resuming it"),
+        "{}",
+        out.stderr
+    );
+    let vm = format!("/api/v1/vm/{ID}");
+    assert_eq!(
+        api.lines(),
+        [format!("GET {vm}/status"), format!("PATCH {vm}/state")]
+    );
+
+    // Running now: the proxy makes no API request.
+    let mut cmd = ssh_api(&bed, &api);
+    cmd.args(["sleepy", "true"]);
+    run_with_timeout(&mut cmd, LIMIT).assert_ok();
+    assert_eq!(api.requests().len(), 2, "{:?}", api.lines());
+}
+
+#[test]
+fn ssh_through_vtun_proxy_names_an_unknown_vm_at_once() {
+    let bed = TestBed::builder().vm(ID).start();
+    let api = api_with_vm(&bed, "running");
+    let ghost = "0badc0de-0000-4000-8000-000000000000";
+    write_aliases(&bed, &format!(r#"{{"ghost": "{ghost}"}}"#));
+    let t = Instant::now();
+    let mut cmd = ssh_api(&bed, &api);
+    cmd.args(["ghost", "true"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("vtun: no VM ghost ({ghost}) in this Vers account")),
+        "{}",
+        out.stderr
+    );
+}

@@ -44,6 +44,8 @@ pub struct VmApi {
 pub enum Verdict {
     /// The VM was asked to resume: wait for it afresh.
     Resumed,
+    /// The VM is booting: keep waiting.
+    Booting,
     /// Running or booting (or the API could not say): keep waiting as usual.
     Wait,
 }
@@ -183,7 +185,8 @@ impl VmApi {
             VmState::Dead => Err(Failure::connection(format!(
                 "{shown} ({id}) is dead: it cannot be resumed (start or branch another VM)"
             ))),
-            VmState::Booting | VmState::Running | VmState::Other(_) => Ok(Verdict::Wait),
+            VmState::Booting => Ok(Verdict::Booting),
+            VmState::Running | VmState::Other(_) => Ok(Verdict::Wait),
         }
     }
 
