@@ -46,7 +46,7 @@ pub enum Verdict {
     Resumed,
     /// The VM is booting: keep waiting.
     Booting,
-    /// Running or booting (or the API could not say): keep waiting as usual.
+    /// Running (or the API could not say): keep waiting as usual.
     Wait,
 }
 

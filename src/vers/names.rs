@@ -93,8 +93,8 @@ impl Names {
         let text = match std::fs::read_to_string(&self.head_file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-                "no VM named and no {shown} in this directory \
-                 (name a VM, or run vtun where `vers` set HEAD)"
+                "HEAD: no {shown} in this directory (name a VM, or run vtun in the \
+                 directory where the vers CLI keeps .vers/HEAD)"
             ),
             Err(e) => bail!("cannot read {shown}: {e}"),
         };
