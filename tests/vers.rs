@@ -538,3 +538,25 @@ fn ssh_through_vtun_proxy_names_an_unknown_vm_at_once() {
         out.stderr
     );
 }
+
+#[test]
+fn an_identity_the_vm_refuses_falls_back_to_the_api_key() {
+    let bed = TestBed::builder().vm(ID).start();
+    let api = api_with_vm(&bed, "running");
+    let other = bed.root.join("other_key");
+    keygen(&other, "ed25519");
+    // With -i there is no fetch before dialing; the key comes after -i is refused.
+    let mut cmd = vtun_api(&bed, &api);
+    cmd.env("VTUN_IDENTITY", &other);
+    let out = echo(cmd, ID, "fallback");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "fallback\n");
+    assert_eq!(api.lines(), [format!("GET /api/v1/vm/{ID}/ssh_key")]);
+
+    // An accepted -i key: no request at all.
+    let mut cmd = vtun_api(&bed, &api);
+    cmd.env("VTUN_IDENTITY", &bed.user_key);
+    std::fs::remove_file(cache_file(&bed, ID)).expect("rm");
+    echo(cmd, ID, "x").assert_ok();
+    assert_eq!(api.requests().len(), 1, "{:?}", api.lines());
+}
