@@ -15,6 +15,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// NAME with a dot is used as is. A remote path is `VM:PATH`; as with scp, a `/` before the first
 /// `:` makes an operand local.
 ///
+/// The vers CLI's names work everywhere: an alias from ~/.vers/aliases.json, or HEAD (the VM in
+/// ./.vers/HEAD), is resolved to the VM's id first. With a Vers API key (VERS_API_KEY or apiKey
+/// in ~/.versrc; API at VERS_URL, default https://api.vers.sh) vtun fetches a VM's key when it
+/// has none that works, names a VM the account does not have, and resumes a paused one.
+///
 /// Exit status: the remote command's status when there is one; 255 when vtun could not connect,
 /// authenticate, or lost the connection; 23/24 for a partial `vtun sync` (as rsync's); 1 for
 /// other failures.
@@ -113,6 +118,13 @@ pub struct GlobalArgs {
     )]
     pub wait: f64,
 
+    /// Do not resume a paused or sleeping VM through the Vers API; say how to resume it instead.
+    ///
+    /// With an API key (VERS_API_KEY or ~/.versrc), a VM that refuses connections is looked
+    /// up: an unknown VM fails at once, a paused or sleeping one is resumed and waited for.
+    #[arg(long, global = true, env = "VTUN_NO_RESUME")]
+    pub no_resume: bool,
+
     /// More diagnostics on stderr (repeat for more; RUST_LOG also works).
     #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -129,7 +141,9 @@ pub struct IdentityArgs {
     /// Private key file to authenticate with (repeatable; tried first, in order).
     ///
     /// Then keys in ssh-agent (SSH_AUTH_SOCK), the key the vers CLI caches for the VM
-    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), and ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
+    /// ($TMPDIR/vers-ssh-keys/<vmId>.key), with a Vers API key the VM's key from the API when
+    /// that one is missing or refused (written to that cache, mode 0600), then ~/.ssh/id_ed25519,
+    /// id_ecdsa, id_rsa.
     #[arg(
         short = 'i',
         long,
@@ -160,6 +174,9 @@ pub enum Command {
     /// stdout carries only the stream; errors are one `vtun:` line on stderr and exit 255.
     Proxy(ProxyArgs),
     /// Interactive shell on a VM (PTY when stdin is a terminal), or run CMD like `ssh VM CMD`.
+    ///
+    /// With no VM, the VM in ./.vers/HEAD, as `vers` commands do. A command needs a VM before it
+    /// (`vtun ssh HEAD uptime`): the first operand is always the VM.
     Ssh(SshArgs),
     /// Run a command on a VM: stdout/stderr kept apart, stdin streamed, remote exit status.
     ///
@@ -194,7 +211,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Host to reach: a VM id, a full name, or NAME:PORT.
+    /// Host to reach: a VM id, a vers alias, HEAD, a full name, or NAME:PORT.
     #[arg(value_name = "HOST")]
     pub host: String,
 }
@@ -207,9 +224,9 @@ pub struct SshArgs {
     /// Never allocate a PTY.
     #[arg(short = 'T')]
     pub no_tty: bool,
-    /// The VM: [user@]NAME.
+    /// The VM: [user@]NAME, an alias or HEAD [default: HEAD, the VM in ./.vers/HEAD].
     #[arg(value_name = "VM")]
-    pub vm: String,
+    pub vm: Option<String>,
     /// Command to run instead of a login shell (joined with spaces, as ssh does).
     #[arg(
         value_name = "CMD",
@@ -248,7 +265,8 @@ pub struct ExecArgs {
     /// Run the command in this remote directory.
     #[arg(long = "cd", value_name = "DIR")]
     pub cd: Option<String>,
-    /// The VM: [user@]NAME, or a list (`vm1,vm2`, `'worker-*'`). Absent with --hosts.
+    /// The VM: [user@]NAME (an id, a vers alias or HEAD), or a list (`vm1,vm2`,
+    /// `'worker-*'` over vers aliases). Absent with --hosts.
     #[arg(value_name = "VM", required_unless_present = "hosts")]
     pub vm: Option<String>,
     /// The command and its arguments. The first operand after VM starts it and everything
@@ -415,7 +433,7 @@ pub struct BenchArgs {
     /// Print the results as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// The VM: [user@]NAME.
+    /// The VM: [user@]NAME (an id, a vers alias or HEAD).
     #[arg(value_name = "VM")]
     pub vm: String,
     #[command(flatten)]
@@ -501,6 +519,21 @@ mod tests {
         let cli = Cli::try_parse_from(["vtun", "sync", "-i", "a/", "vm:b"]).unwrap();
         match cli.command {
             Command::Sync(s) => assert!(s.itemize),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ssh_without_a_vm_means_head() {
+        let cli = Cli::try_parse_from(["vtun", "ssh"]).unwrap();
+        match cli.command {
+            Command::Ssh(s) => assert_eq!((s.vm, s.command.len()), (None, 0)),
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["vtun", "--no-resume", "ssh", "HEAD", "uptime"]).unwrap();
+        assert!(cli.global.no_resume);
+        match cli.command {
+            Command::Ssh(s) => assert_eq!(s.vm.as_deref(), Some("HEAD")),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -25,3 +25,4 @@ pub mod sync;
 pub mod target;
 pub mod tls;
 pub mod transfer;
+pub mod vers;

@@ -2,11 +2,14 @@
 //! environment and defaults by the command layer (`cmd::settings`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ssh::HostKeyCheck;
-use crate::target::Host;
+use crate::target::{Host, Location};
 use crate::tls::TlsOptions;
+use crate::vers::api::ApiConfig;
+use crate::vers::names::Names;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -24,12 +27,23 @@ pub struct Settings {
     pub wait: Duration,
     pub verbose: u8,
     pub quiet: bool,
+    /// Aliases and HEAD, resolved before the domain is appended.
+    pub names: Arc<Names>,
+    /// The Vers API, when an API key is configured (keys, VM state, resume).
+    pub vers: Option<ApiConfig>,
+    /// Resume a paused or sleeping VM (off with --no-resume).
+    pub resume: bool,
 }
 
 impl Settings {
-    /// Parse a VM operand with this domain.
+    /// Parse a VM operand: alias or HEAD resolved, then this domain appended.
     pub fn host(&self, s: &str) -> anyhow::Result<Host> {
-        Host::parse(s, &self.domain)
+        Host::resolve(s, &self.domain, &self.names)
+    }
+
+    /// Parse a `cp`/`sync` operand (a remote one's VM resolved as in [`Settings::host`]).
+    pub fn location(&self, s: &str) -> anyhow::Result<Location> {
+        Location::resolve(s, &self.domain, &self.names)
     }
 
     /// The port to dial for `host`.

@@ -1,11 +1,15 @@
 //! Operands as typed values: `[user@]NAME[:PORT]` hosts and scp-style `VM:PATH` locations.
 //!
 //! The one non-obvious rule is scp's: an operand is remote only if it has a `:` with no `/`
-//! before it, so `./a:b` and `/tmp/x:y` stay local paths.
+//! before it, so `./a:b` and `/tmp/x:y` stay local paths. NAME is resolved (an alias or `HEAD`,
+//! see [`crate::vers::names`]) before the domain is appended, so SNI and the host-key pin always
+//! use the VM's real `<id>.<domain>`: an alias moved to another VM never reuses the old pin.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+
+use crate::vers::names::Names;
 
 /// The domain used when nothing else is configured.
 pub const DEFAULT_DOMAIN: &str = "vm.vers.sh";
@@ -39,11 +43,22 @@ pub struct Host {
     pub name: String,
     /// Explicit port from `NAME:PORT`; otherwise the caller's `--port`.
     pub port: Option<u16>,
+    /// The name as typed when it was an alias or `HEAD` (for messages).
+    pub label: Option<String>,
 }
 
 impl Host {
-    /// Parse `[user@]NAME[:PORT]`; a NAME without a dot gets `.<domain>` appended.
+    /// Parse `[user@]NAME[:PORT]`; a NAME without a dot gets `.<domain>` appended. No aliases.
     pub fn parse(s: &str, domain: &str) -> Result<Host> {
+        Host::parse_with(s, domain, None)
+    }
+
+    /// [`Host::parse`], with NAME first resolved through `names` (aliases, `HEAD`).
+    pub fn resolve(s: &str, domain: &str, names: &Names) -> Result<Host> {
+        Host::parse_with(s, domain, Some(names))
+    }
+
+    fn parse_with(s: &str, domain: &str, names: Option<&Names>) -> Result<Host> {
         let (user, rest) = match s.rsplit_once('@') {
             Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
             Some(_) => bail!("invalid host {s:?}: empty user name before '@'"),
@@ -62,6 +77,15 @@ impl Host {
         if name.is_empty() {
             bail!("invalid host {s:?}: empty name");
         }
+        let (name, label) = match names {
+            Some(names) => {
+                let id = names.resolve(name)?;
+                let label = (id != name).then(|| name.to_string());
+                (id, label)
+            }
+            None => (name.to_string(), None),
+        };
+        let name = name.as_str();
         if name
             .chars()
             .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_'))
@@ -73,12 +97,22 @@ impl Host {
         } else {
             format!("{}.{}", name.to_ascii_lowercase(), domain)
         };
-        Ok(Host { user, name, port })
+        Ok(Host {
+            user,
+            name,
+            port,
+            label,
+        })
     }
 
     /// The first label of the name: the VM id for `<id>.vm.vers.sh`.
     pub fn vm_id(&self) -> &str {
         self.name.split('.').next().unwrap_or(&self.name)
+    }
+
+    /// The name the user gave: the alias or `HEAD` if that is what was typed, else the VM id.
+    pub fn shown(&self) -> &str {
+        self.label.as_deref().unwrap_or_else(|| self.vm_id())
     }
 }
 
@@ -90,14 +124,23 @@ pub enum Location {
 }
 
 impl Location {
-    /// Parse with scp's rules: remote when a `:` comes before any `/`.
+    /// Parse with scp's rules: remote when a `:` comes before any `/`. No aliases.
     pub fn parse(s: &str, domain: &str) -> Result<Location> {
+        Location::parse_with(s, domain, None)
+    }
+
+    /// [`Location::parse`], with the VM name resolved through `names` (aliases, `HEAD`).
+    pub fn resolve(s: &str, domain: &str, names: &Names) -> Result<Location> {
+        Location::parse_with(s, domain, Some(names))
+    }
+
+    fn parse_with(s: &str, domain: &str, names: Option<&Names>) -> Result<Location> {
         if s.is_empty() {
             bail!("empty path");
         }
         match s.find(':') {
             Some(colon) if !s[..colon].contains('/') && colon > 0 => {
-                let host = Host::parse(&s[..colon], domain)?;
+                let host = Host::parse_with(&s[..colon], domain, names)?;
                 let path = s[colon + 1..].to_string();
                 Ok(Location::Remote { host, path })
             }
@@ -164,6 +207,35 @@ mod tests {
             Location::Remote { host, path } => {
                 assert_eq!(host.user.as_deref(), Some("root"));
                 assert_eq!(path, "");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn aliases_and_head_resolve_before_the_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let aliases = dir.path().join("aliases.json");
+        std::fs::write(&aliases, r#"{"golden": "0a1b-c2"}"#).unwrap();
+        let head = dir.path().join("HEAD");
+        std::fs::write(&head, "golden\n").unwrap();
+        let names = Names::at(Some(aliases), head);
+        let h = Host::resolve("me@golden", "vm.test", &names).unwrap();
+        assert_eq!(h.name, "0a1b-c2.vm.test");
+        assert_eq!(h.user.as_deref(), Some("me"));
+        assert_eq!(h.shown(), "golden");
+        assert_eq!(
+            Host::resolve("HEAD", "d", &names).unwrap().name,
+            "0a1b-c2.d"
+        );
+        let other = Host::resolve("0a1b-c3", "d", &names).unwrap();
+        assert_eq!(
+            (other.name.as_str(), other.shown()),
+            ("0a1b-c3.d", "0a1b-c3")
+        );
+        match Location::resolve("golden:/srv", "d", &names).unwrap() {
+            Location::Remote { host, path } => {
+                assert_eq!((host.name.as_str(), path.as_str()), ("0a1b-c2.d", "/srv"));
             }
             other => panic!("{other:?}"),
         }

@@ -88,3 +88,48 @@ fn connections_past_max_connections_are_closed_and_a_freed_slot_is_reused() {
         assert!(Instant::now() < deadline, "the slot was never freed");
     }
 }
+
+/// A backend that resets the connection after the client's first bytes (what a VM that is not
+/// running looks like behind the edge, when the client spoke first) must end the client's
+/// stream too: a client waiting for a banner would otherwise wait for its own timeout.
+#[test]
+fn a_backend_reset_closes_the_client_stream() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = backend.local_addr().unwrap().port();
+    let resetter = std::thread::spawn(move || {
+        let (conn, _) = backend.accept().unwrap();
+        // Wait for the client's bytes, then close without reading them: the kernel resets.
+        let mut peek = [0u8; 1];
+        conn.peek(&mut peek).unwrap();
+        drop(conn);
+    });
+    let bed = TestBed::builder()
+        .route(&format!("resets.{DOMAIN}=127.0.0.1:{port}"))
+        .start();
+    let start = Instant::now();
+    let mut cmd = bed.vtun();
+    cmd.args([
+        "--wait",
+        "0",
+        "--connect-timeout",
+        "20",
+        "exec",
+        "resets",
+        "--",
+        "true",
+    ]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
+    resetter.join().unwrap();
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}: {}",
+        start.elapsed(),
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("closed before the ssh banner"),
+        "{}",
+        out.stderr
+    );
+}

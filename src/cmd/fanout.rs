@@ -21,7 +21,9 @@ pub fn targets(
     operand: Option<&str>,
     hosts: Option<&Path>,
 ) -> Result<Vec<Target>> {
-    let names = fanout::names(operand, hosts, || anyhow::bail!("VERS-MERGE-PENDING"))?;
+    let names = fanout::names(operand, hosts, || {
+        Ok(crate::vers::names::load_aliases()?.into_keys().collect())
+    })?;
     names
         .into_iter()
         .map(|label| {

@@ -67,6 +67,9 @@ pub fn settings(g: &GlobalArgs, identities: &[PathBuf]) -> Result<Settings> {
         wait: seconds(g.wait, "--wait")?,
         verbose: g.verbose,
         quiet: g.quiet,
+        names: std::sync::Arc::new(crate::vers::names::Names::from_env()),
+        vers: crate::vers::api::ApiConfig::from_env(&g.ca_file)?,
+        resume: !g.no_resume,
     })
 }
 

@@ -9,7 +9,8 @@ use crate::link::{ExecRequest, Start};
 
 pub fn run(g: &GlobalArgs, args: &SshArgs) -> Result<u8> {
     let settings = super::settings(g, &args.identity.identity)?;
-    let host = settings.host(&args.vm)?;
+    let vm = args.vm.as_deref().unwrap_or(crate::vers::names::HEAD);
+    let host = settings.host(vm)?;
     let interactive = args.command.is_empty();
     let stdin_tty = crate::exec::stdin_is_tty();
     let want_pty = !args.no_tty && (args.tty || (interactive && stdin_tty));

@@ -179,10 +179,13 @@ impl Gateway {
         let (be_r, be_w) = backend.into_split();
         let up = pump::pipe(tls_r, be_w, self.delay, activity.clone(), true);
         let down = pump::pipe(be_r, tls_w, self.delay, activity.clone(), false);
+        // A clean end of one direction leaves the other running (half-close); a failed one
+        // (a backend that resets, as a VM that is not running does) ends both, or the client
+        // would wait for a banner that never comes while its direction waits for the client.
         let both = async {
-            let (u, d) = tokio::join!(up, down);
-            u.context("client → backend")?;
-            d.context("backend → client")?;
+            tokio::try_join!(async { up.await.context("client → backend") }, async {
+                down.await.context("backend → client")
+            },)?;
             Ok::<_, anyhow::Error>(())
         };
         let result = self.relay_until_idle(both, &activity).await;

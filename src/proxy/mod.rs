@@ -7,6 +7,7 @@
 //! stdin EOF half-closes the TLS stream (close_notify, then TCP FIN) and keeps reading; the
 //! server ending the stream flushes stdout and exits at once, even if stdin is still open.
 
+mod resume;
 mod stdio;
 
 use std::cell::RefCell;
@@ -25,6 +26,7 @@ use self::stdio::{Stdin, Stdout};
 use crate::error::Failure;
 use crate::settings::Settings;
 use crate::tls::Dialer;
+use crate::vers::VmApi;
 
 /// Relay stdin/stdout to `host_arg`. Runs on a current-thread runtime (the command layer builds
 /// it): both directions share the TLS stream on one task.
@@ -32,7 +34,21 @@ pub async fn run(settings: &Settings, host_arg: &str) -> Result<u8> {
     let host = settings.host(host_arg)?;
     let port = settings.port_for(&host);
     let dialer = Dialer::new(&settings.tls)?;
-    relay(&dialer, &host.name, port).await
+    match VmApi::for_host(settings, &host) {
+        // With a Vers API key: a VM that is not running is looked up, and resumed (resume.rs).
+        Some(api) => resume::relay(settings, &dialer, &host, port, &api).await,
+        None => relay(&dialer, &host.name, port).await,
+    }
+}
+
+type Tls = TlsStream<BufReader<TcpStream>>;
+
+async fn dial(dialer: &Dialer, name: &str, port: u16) -> Result<Tls, crate::tls::DialError> {
+    dialer
+        .dial_over(name, port, |tcp| {
+            BufReader::with_capacity(TCP_READ_BUF, tcp)
+        })
+        .await
 }
 
 /// Size of each read from the TCP socket. rustls asks its reader for about 4 KiB at a time, so
@@ -42,18 +58,24 @@ pub async fn run(settings: &Settings, host_arg: &str) -> Result<u8> {
 const TCP_READ_BUF: usize = 64 * 1024;
 
 async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
-    let tls = dialer
-        .dial_over(name, port, |tcp| {
-            BufReader::with_capacity(TCP_READ_BUF, tcp)
-        })
-        .await?;
-    let tls = RefCell::new(tls);
+    let tls = RefCell::new(dial(dialer, name, port).await?);
     tracing::debug!(name, port, "connected");
-    let (mut stdin, mut stdout) = stdio::open();
+    let (stdin, stdout) = stdio::open();
+    pump(&tls, stdin, stdout, name, port).await
+}
+
+/// Both directions until the server ends the stream, then the exit status.
+async fn pump(
+    tls: &RefCell<Tls>,
+    mut stdin: Stdin,
+    mut stdout: Stdout,
+    name: &str,
+    port: u16,
+) -> Result<u8> {
     let outcome = tokio::select! {
         biased;
-        r = downstream(&tls, &mut stdout) => r,
-        never = upstream(&tls, &mut stdin) => match never {},
+        r = downstream(tls, &mut stdout) => r,
+        never = upstream(tls, &mut stdin) => match never {},
     };
     // Whatever was read from the server is written before exiting; a stdin thread, if any, is
     // left blocked in read() and ends with the process.
@@ -71,10 +93,7 @@ async fn relay(dialer: &Dialer, name: &str, port: u16) -> Result<u8> {
 }
 
 /// TLS → stdout until the server ends the stream or stdout goes away (the ssh client exited).
-async fn downstream(
-    tls: &RefCell<TlsStream<BufReader<TcpStream>>>,
-    stdout: &mut Stdout,
-) -> io::Result<()> {
+async fn downstream(tls: &RefCell<Tls>, stdout: &mut Stdout) -> io::Result<()> {
     loop {
         let more = match stdout {
             Stdout::Direct(out) => {
@@ -121,7 +140,7 @@ async fn downstream(
 
 /// stdin → TLS; at stdin EOF, half-close and keep the read side open for the rest of the
 /// reply. Never returns: the relay ends when the server ends the stream.
-async fn upstream(tls: &RefCell<TlsStream<BufReader<TcpStream>>>, stdin: &mut Stdin) -> Infallible {
+async fn upstream(tls: &RefCell<Tls>, stdin: &mut Stdin) -> Infallible {
     let mut buf = vec![0u8; stdio::READ_BUF];
     loop {
         let n = match stdin.read(&mut buf).await {
@@ -146,7 +165,7 @@ async fn upstream(tls: &RefCell<TlsStream<BufReader<TcpStream>>>, stdin: &mut St
 
 /// Encrypt and write all of `data`, then flush: nothing may wait in rustls for more input,
 /// since more input may be a keystroke away.
-async fn send(tls: &RefCell<TlsStream<BufReader<TcpStream>>>, mut data: &[u8]) -> io::Result<()> {
+async fn send(tls: &RefCell<Tls>, mut data: &[u8]) -> io::Result<()> {
     poll_fn(|cx| {
         let mut tls = tls.borrow_mut();
         let mut tls = Pin::new(&mut *tls);

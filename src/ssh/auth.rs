@@ -1,5 +1,8 @@
 //! Public-key authentication in a fixed order, stopping at the first key that works: `-i` files,
-//! ssh-agent keys, the vers CLI's cached key for the VM, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa.
+//! ssh-agent keys, the vers CLI's cached key for the VM and pi-v's copy, then (with a Vers API
+//! key, when those are missing or refused) the VM's key fetched from the API into the cache, once
+//! per connect (a cached key the VM refuses means the VM was recreated); then ~/.ssh/id_ed25519,
+//! id_ecdsa, id_rsa.
 //!
 //! A key the server refuses costs one round trip (russh asks "would you accept this key?" before
 //! signing), the one it accepts two. A key already offered is not offered again: sshd
@@ -21,9 +24,10 @@ use super::SshError;
 
 /// The key files tried after the agent, in order (`-i` files come first, separately).
 pub fn default_key_files(vm_id: &str) -> Vec<PathBuf> {
-    let mut files = vec![std::env::temp_dir()
-        .join("vers-ssh-keys")
-        .join(format!("{vm_id}.key"))];
+    let mut files = vec![
+        crate::vers::keys::cache_file(vm_id),
+        crate::vers::keys::pi_v_file(vm_id),
+    ];
     if let Some(home) = dirs::home_dir() {
         for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
             files.push(home.join(".ssh").join(name));
@@ -49,6 +53,7 @@ pub async fn authenticate(
     host: &crate::target::Host,
     identities: &[PathBuf],
     timeout: Duration,
+    api: Option<&crate::vers::VmApi>,
 ) -> anyhow::Result<()> {
     let mut a = Attempts {
         handle,
@@ -66,15 +71,39 @@ pub async fn authenticate(
     if a.try_agent().await? {
         return Ok(());
     }
+    let last_cached = crate::vers::keys::pi_v_file(host.vm_id());
     for path in default_key_files(host.vm_id()) {
         if a.try_file(&path, false).await? {
             return Ok(());
         }
+        // Right after the cached keys, which were refused or missing: the API's key, before
+        // ~/.ssh keys use up sshd's MaxAuthTries.
+        if path == last_cached {
+            if let Some(api) = api.filter(|api| !api.has_fetched()) {
+                match api.fetch_key().await {
+                    // The same key as a refused cached one is not offered again (first_offer).
+                    Ok(path) => {
+                        if a.try_file(&path, false).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => api.note(&e),
+                }
+            }
+        }
     }
-    let tried = if a.tried.is_empty() {
-        "no keys found (use -i FILE, ssh-agent, or the vers CLI's key cache)".to_string()
-    } else {
-        format!("tried {}", a.tried.join(", "))
+    let noted = api.and_then(|api| api.noted());
+    let tried = match (a.tried.is_empty(), noted) {
+        (true, None) => {
+            "no keys found (use -i FILE, ssh-agent, the vers CLI's key cache, or VERS_API_KEY)"
+                .to_string()
+        }
+        (true, Some(why)) => format!("no key from the Vers API: {why}; no other key found"),
+        (false, None) => format!("tried {}", a.tried.join(", ")),
+        (false, Some(why)) => format!(
+            "tried {}; no key from the Vers API: {why}",
+            a.tried.join(", ")
+        ),
     };
     Err(SshError::Auth(format!(
         "permission denied for {user}@{}: {tried}",

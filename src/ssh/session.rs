@@ -24,6 +24,7 @@ use super::{auth, SshError};
 use crate::settings::Settings;
 use crate::target::Host;
 use crate::tls::Dialer;
+use crate::vers::VmApi;
 
 /// Channel window we advertise (OpenSSH's sshd uses 2 MiB).
 pub const WINDOW: u32 = 16 * 1024 * 1024;
@@ -51,7 +52,15 @@ impl Session {
     pub async fn connect(settings: &Settings, host: &Host) -> Result<Session> {
         let dialer = Dialer::new(&settings.tls)?;
         let config = Arc::new(config());
-        retry::with_boot_wait(settings, host, || attempt(settings, host, &dialer, &config)).await
+        let api = VmApi::for_host(settings, host);
+        if let Some(api) = &api {
+            api.prefetch(&settings.identities).await?;
+        }
+        let api = api.as_ref();
+        retry::with_boot_wait(settings, host, api, || {
+            attempt(settings, host, &dialer, &config, api)
+        })
+        .await
     }
 
     /// A new session channel (one round trip).
@@ -149,6 +158,7 @@ async fn attempt(
     host: &Host,
     dialer: &Dialer,
     config: &Arc<Config>,
+    api: Option<&VmApi>,
 ) -> Attempt<Session> {
     let port = settings.port_for(host);
     let tls = match dialer.dial(&host.name, port).await {
@@ -193,7 +203,7 @@ async fn attempt(
                 host.name,
                 settings.tls.connect_timeout.as_secs_f64()
             );
-            return Attempt::Failed(SshError::Protocol(msg).into(), false);
+            return Attempt::Stalled(SshError::Protocol(msg).into());
         }
     };
     let user = settings.user_for(host);
@@ -203,6 +213,7 @@ async fn attempt(
         host,
         &settings.identities,
         settings.tls.connect_timeout,
+        api,
     )
     .await
     {

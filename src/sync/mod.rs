@@ -90,8 +90,8 @@ pub async fn run_sync(
     connector: &dyn Connector,
     out: &mut (dyn Write + Send),
 ) -> Result<Summary> {
-    let src = Location::parse(&args.src, &settings.domain)?;
-    let dst = Location::parse(&args.dst, &settings.domain)?;
+    let src = settings.location(&args.src)?;
+    let dst = settings.location(&args.dst)?;
     let any_remote = [&src, &dst]
         .iter()
         .any(|l| matches!(l, Location::Remote { .. }));

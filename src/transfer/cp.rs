@@ -57,7 +57,7 @@ pub async fn cp(
     let locations = args
         .paths
         .iter()
-        .map(|s| Location::parse(s, &settings.domain))
+        .map(|s| settings.location(s))
         .collect::<Result<Vec<_>>>()?;
     let mut hosts: Vec<(Host, Fs)> = Vec::new();
     let mut resolved = Vec::with_capacity(locations.len());

@@ -10,6 +10,7 @@
 
 pub mod fault;
 pub mod hostile_sftp;
+pub mod vers_api;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -171,6 +172,18 @@ impl Vm {
         }));
     }
 
+    /// A paused VM: its port accepts connections and closes them at once (as the edge does for a
+    /// VM that is not running) until [`Power::on`].
+    pub fn pause(&mut self) {
+        self.start();
+        self.stop();
+    }
+
+    /// A handle that starts this VM's sshd from another thread (a stand-in API's resume).
+    pub fn power(&self) -> Power {
+        Power(self.sshd.clone())
+    }
+
     /// New connections are closed and open sessions killed, as when a VM goes down.
     fn stop(&mut self) {
         self.sshd.running.store(false, Ordering::SeqCst);
@@ -217,6 +230,16 @@ fn spawn_sshd(config: &Path, log: &Path, conn: TcpStream) -> Option<Child> {
         .stderr(log)
         .spawn()
         .ok()
+}
+
+/// Turns a paused VM's sshd on (see [`Vm::pause`]).
+#[derive(Clone)]
+pub struct Power(Arc<Sshd>);
+
+impl Power {
+    pub fn on(&self) {
+        self.0.running.store(true, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
