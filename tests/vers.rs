@@ -560,3 +560,30 @@ fn an_identity_the_vm_refuses_falls_back_to_the_api_key() {
     echo(cmd, ID, "x").assert_ok();
     assert_eq!(api.requests().len(), 1, "{:?}", api.lines());
 }
+
+#[test]
+fn a_booting_vm_without_a_cached_key_gets_its_key_once_it_is_up() {
+    let mut bed = TestBed::builder().vm(ID).start();
+    bed.vm_mut(ID).pause();
+    let api = api_with_vm(&bed, "booting");
+    let power = bed.vm(ID).power();
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(800));
+            api.set_state(ID, "running");
+            power.on();
+        });
+        echo(vtun_api(&bed, &api), ID, "up")
+    });
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "up\n");
+    let vm = format!("/api/v1/vm/{ID}");
+    assert_eq!(
+        api.lines(),
+        [
+            format!("GET {vm}/ssh_key"),
+            format!("GET {vm}/status"),
+            format!("GET {vm}/ssh_key"),
+        ]
+    );
+}

@@ -112,10 +112,16 @@ impl VmApi {
             Ok(_) => Ok(()),
             Err(ApiError::NotFound) => Err(self.not_found()),
             Err(ApiError::NotRunning(_)) => {
-                if self.ensure_running().await? == Verdict::Resumed {
-                    if let Err(e) = self.fetch_key().await {
-                        self.note(&e);
-                    }
+                match self.ensure_running().await? {
+                    Verdict::Resumed => match self.fetch_key().await {
+                        Ok(_) => {}
+                        // Still starting: ask again once connected (see auth).
+                        Err(ApiError::NotRunning(_)) => self.fetched.store(false, Ordering::SeqCst),
+                        Err(e) => self.note(&e),
+                    },
+                    // Ask again once it is up and has let us connect.
+                    Verdict::Booting => self.fetched.store(false, Ordering::SeqCst),
+                    Verdict::Wait => {}
                 }
                 Ok(())
             }
