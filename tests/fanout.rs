@@ -419,3 +419,22 @@ fn sync_to_several_vms_including_two_that_share_a_directory() {
     out.assert_ok();
     assert_eq!(std::fs::read_to_string(dst2.join("small")).unwrap(), "s\n");
 }
+
+#[test]
+fn glob_patterns_match_vers_aliases_and_label_lines_with_them() {
+    let bed = bed_with(4);
+    std::fs::create_dir_all(bed.home.join(".vers")).unwrap();
+    std::fs::write(
+        bed.home.join(".vers/aliases.json"),
+        r#"{"worker-1": "w01", "worker-2": "w02", "db": "w03"}"#,
+    )
+    .unwrap();
+    let out = exec(&bed, &["worker-*", "--sh", "--", "cat ~/who; echo"]);
+    out.assert_ok();
+    let mut lines: Vec<String> = out.stdout_str().lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(lines, ["worker-1: a", "worker-2: b"]);
+    let out = exec(&bed, &["web-*", "true"]);
+    assert_eq!(out.code(), 1);
+    assert!(out.stderr.contains("no vers alias matches \"web-*\""), "{}", out.stderr);
+}
