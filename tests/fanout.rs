@@ -436,5 +436,9 @@ fn glob_patterns_match_vers_aliases_and_label_lines_with_them() {
     assert_eq!(lines, ["worker-1: a", "worker-2: b"]);
     let out = exec(&bed, &["web-*", "true"]);
     assert_eq!(out.code(), 1);
-    assert!(out.stderr.contains("no vers alias matches \"web-*\""), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no vers alias matches \"web-*\""),
+        "{}",
+        out.stderr
+    );
 }
