@@ -155,7 +155,7 @@ fn exit_status_is_the_highest_remote_status_then_timeout_then_connection() {
             "w02,slow",
             "--sh",
             "--",
-            "test -e ~/slow && sleep 30; exit 5",
+            "test -e ~/slow && sleep 5; exit 5",
         ],
     );
     assert_eq!(out.code(), 124, "{}", out.stderr);
@@ -166,7 +166,7 @@ fn exit_status_is_the_highest_remote_status_then_timeout_then_connection() {
     );
     let out = exec(
         &bed,
-        &["--timeout", "1", "gone,slow", "--sh", "--", "sleep 30"],
+        &["--timeout", "1", "gone,slow", "--sh", "--", "sleep 5"],
     );
     assert_eq!(out.code(), 255, "{}", out.stderr);
 }
