@@ -174,6 +174,17 @@ where
             "a copy from several VMs goes into a local directory (one subdirectory per VM)"
         );
     }
+    if pull {
+        if let Some(t) = targets
+            .iter()
+            .find(|t| t.label.contains('/') || t.label == "." || t.label == "..")
+        {
+            anyhow::bail!(
+                "{:?} cannot name a directory (a copy from several VMs writes DIR/NAME/)",
+                t.label
+            );
+        }
+    }
     fanout::raise_fd_limit();
     let started = Instant::now();
     // Progress bars for many VMs at once would be noise: the summary says what happened.
