@@ -7,6 +7,8 @@
 //! connection, as on Vers. Run: `cargo bench --bench fanout` (VTUN_BENCH_RUNS=N, default 5;
 //! VTUN_BIN to pick a binary). Runs alternate between the tools.
 
+#![allow(clippy::unwrap_used)]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
