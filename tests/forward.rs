@@ -241,12 +241,27 @@ fn forwards_survive_a_cut_connection() {
     let web = web_v4(body.clone());
     let spec = format!("0:127.0.0.1:{web}");
     let rspec = format!("127.0.0.1:{spec}");
-    let mut fwd = forward(&bed, "a-fault", &["-L", &spec, "-R", &rspec]);
+    // And one at a fixed port, which the VM must give back after the cut.
+    let fixed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let fixed_spec = format!("127.0.0.1:{fixed}:127.0.0.1:{web}");
+    let mut fwd = forward(
+        &bed,
+        "a-fault",
+        &["-L", &spec, "-R", &rspec, "-R", &fixed_spec],
+    );
     let local = port_after(&mut fwd, &format!("-L {spec}: listening on 127.0.0.1:"));
     let remote_line = format!("-R {rspec}: a-fault.vm.test listening on 127.0.0.1:");
     let remote = port_after(&mut fwd, &remote_line);
     assert_eq!(get_tcp(local).as_deref(), Some(&body[..]));
     assert_eq!(get_tcp(remote).as_deref(), Some(&body[..]));
+    fwd.wait_for_stderr(
+        &format!("-R {fixed_spec}: a-fault.vm.test listening"),
+        LIMIT,
+    );
+    assert_eq!(get_tcp(fixed).as_deref(), Some(&body[..]));
 
     let mut held = TcpStream::connect(("127.0.0.1", local)).expect("connect");
     held.write_all(b"GET /hold HTTP/1.0\r\n\r\n")
@@ -286,6 +301,9 @@ fn forwards_survive_a_cut_connection() {
         Some(&body[..]),
         "-R after the cut"
     );
+    wait_until(LIMIT, "the fixed -R port is back", || {
+        get_tcp(fixed).as_deref() == Some(&body[..])
+    });
     let err = fwd.stderr_so_far();
     assert_eq!(
         err.matches("reconnected").count(),
@@ -503,4 +521,33 @@ fn ssh_forwards_while_the_command_runs() {
         TcpStream::connect(("127.0.0.1", lp)).is_err(),
         "the -L listener is gone with the command"
     );
+}
+
+/// A -R to a socket on the VM is asked for again after a cut, at the same path.
+#[test]
+fn a_remote_socket_forward_comes_back_after_a_cut() {
+    let bed = TestBed::builder().vm("a").fault("a").start();
+    let body = Arc::new(random_bytes(64 << 10, 10));
+    let web = web_v4(body.clone());
+    let there = bed.dir("rsock").join("there.sock");
+    let spec = format!("{}:127.0.0.1:{web}", there.display());
+    let mut fwd = forward(&bed, "a-fault", &["-R", &spec]);
+    let line = format!(
+        "-R {spec}: a-fault.vm.test listening on {}",
+        there.display()
+    );
+    fwd.wait_for_stderr(&line, LIMIT);
+    let get = || {
+        let s = UnixStream::connect(&there).ok()?;
+        s.set_read_timeout(Some(LIMIT)).ok()?;
+        http_get(s)
+    };
+    assert_eq!(get().as_deref(), Some(&body[..]));
+    bed.fault("a").cut_now();
+    fwd.wait_for_stderr("reconnected to a-fault.vm.test", LIMIT);
+    let start = Instant::now();
+    while get().as_deref() != Some(&body[..]) {
+        assert!(start.elapsed() < LIMIT, "not back: {}", fwd.stderr_so_far());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -263,7 +263,7 @@ impl Shared {
         let generation = self.generation.load(Ordering::SeqCst);
         let mut live = 0;
         for (i, r) in self.remotes.iter().enumerate() {
-            {
+            let stale = {
                 let st = lock(&r.state);
                 if st.given_up {
                     continue;
@@ -272,6 +272,10 @@ impl Shared {
                     live += 1;
                     continue;
                 }
+                st.live_on.is_some() && !st.warned
+            };
+            if let (RemoteListen::Unix(path), true) = (&r.listen, stale) {
+                remove_stale_socket(link, path).await;
             }
             match link.remote_forward(r.listen.clone()).await {
                 Ok(listener) => {
@@ -323,6 +327,23 @@ impl Shared {
             }
         }
         live
+    }
+}
+
+/// sshd leaves the socket of a streamlocal forward behind when its connection dies (unless the
+/// VM's sshd has `StreamLocalBindUnlink yes`), and then refuses to listen there again: remove
+/// the one our previous connection left, once, before asking on the new connection.
+async fn remove_stale_socket(link: &dyn Link, path: &str) {
+    use tokio::io::AsyncReadExt;
+    let cmd = format!("rm -f -- {}", crate::exec::quote::quote(path));
+    match link.exec(&cmd).await {
+        Ok(mut io) => {
+            let mut out = Vec::new();
+            if let Err(e) = io.read_to_end(&mut out).await {
+                tracing::debug!("{cmd}: {e}");
+            }
+        }
+        Err(e) => tracing::debug!("{cmd}: {e:#}"),
     }
 }
 
