@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Reach VMs behind a TLS edge: ProxyCommand, exec, ssh, cp and sync over verified TLS.
+/// Reach VMs behind a TLS edge: ProxyCommand, exec, ssh, cp, sync and forward over verified TLS.
 ///
 /// A VM is `[user@]NAME`: a NAME without a dot becomes `NAME.<domain>` (default vm.vers.sh); a
 /// NAME with a dot is used as is. A remote path is `VM:PATH`; as with scp, a `/` before the first
@@ -160,6 +160,9 @@ pub enum Command {
     /// stdout carries only the stream; errors are one `vtun:` line on stderr and exit 255.
     Proxy(ProxyArgs),
     /// Interactive shell on a VM (PTY when stdin is a terminal), or run CMD like `ssh VM CMD`.
+    ///
+    /// With -L, -R or -D (before CMD), also forwards ports as `vtun forward` does, for as long as
+    /// the shell or command runs.
     Ssh(SshArgs),
     /// Run a command on a VM: stdout/stderr kept apart, stdin streamed, remote exit status.
     ///

@@ -186,6 +186,8 @@ fn dynamic_forward_speaks_socks5_with_names_ipv4_and_ipv6() {
     let bad = format!("http://127.0.0.1:{closed}/file");
     let out = curl(&bed, &["--socks5-hostname", &proxy, &bad]);
     assert!(!out.status.success(), "unreachable target fails");
+    // SOCKS5 reply 4: host unreachable.
+    assert!(out.stderr.contains("(4)"), "{}", out.stderr);
     fwd.wait_for_stderr(&format!("refused a stream to 127.0.0.1:{closed}"), LIMIT);
     let f = dir.join("after");
     let url = format!("http://localhost:{web}/file");
