@@ -553,3 +553,20 @@ fn a_remote_socket_forward_comes_back_after_a_cut() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A VM that cannot be reached: exit 255 as for every command, and no socket left behind.
+#[test]
+fn an_unreachable_vm_is_exit_255_and_leaves_no_socket() {
+    let bed = TestBed::builder().vm("a").start();
+    let here = bed.dir("nosuch").join("here.sock");
+    let spec = format!("{}:/nowhere.sock", here.display());
+    let mut cmd = bed.vtun();
+    cmd.args(["forward", "--wait", "0", "nosuch", "-L", &spec]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        !here.exists(),
+        "the socket bound before connecting is removed"
+    );
+}

@@ -49,21 +49,24 @@ pub struct Options {
 /// on until they end or the runtime does) and removes the Unix sockets it created here.
 pub struct Forwarding {
     shared: Arc<Shared>,
-    sockets: Vec<PathBuf>,
+    _sockets: Sockets,
 }
 
 impl Drop for Forwarding {
     fn drop(&mut self) {
-        for t in self
-            .shared
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
+        for t in lock(&self.shared.tasks).drain(..) {
             t.abort();
         }
-        for s in &self.sockets {
+    }
+}
+
+/// The Unix sockets bound here, removed when dropped (also when setting up fails half-way).
+#[derive(Default)]
+struct Sockets(Vec<PathBuf>);
+
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        for s in &self.0 {
             let _ = std::fs::remove_file(s);
         }
     }
@@ -75,13 +78,13 @@ impl Drop for Forwarding {
 /// all could be set up.
 pub async fn start(connector: Arc<dyn Connector>, host: Host, opts: Options) -> Result<Forwarding> {
     let mut listeners = Vec::new();
-    let mut sockets = Vec::new();
+    let mut sockets = Sockets::default();
     for s in opts.specs.iter().filter(|s| s.kind != Kind::Remote) {
         let (listener, at) = Listener::bind(&s.listen)
             .await
             .with_context(|| format!("{s}: cannot listen on {}", show_listen(&s.listen)))?;
         if let Listen::Unix(p) = &s.listen {
-            sockets.push(PathBuf::from(p));
+            sockets.0.push(PathBuf::from(p));
         }
         listeners.push((listener, at, s.clone()));
     }
@@ -114,6 +117,7 @@ pub async fn start(connector: Arc<dyn Connector>, host: Host, opts: Options) -> 
         last_failure: Mutex::new(None),
         generation: AtomicU64::new(0),
         remotes,
+        asking: tokio::sync::Mutex::new(()),
         opts,
         tasks: Mutex::new(Vec::new()),
     });
@@ -143,7 +147,10 @@ pub async fn start(connector: Arc<dyn Connector>, host: Host, opts: Options) -> 
         let task = tokio::spawn(watch(shared.clone()));
         shared.keep(task.abort_handle());
     }
-    Ok(Forwarding { shared, sockets })
+    Ok(Forwarding {
+        shared,
+        _sockets: sockets,
+    })
 }
 
 /// What every task shares: the current link and how to replace it.
@@ -158,6 +165,9 @@ struct Shared {
     /// Bumped on every reconnect; an `-R` listener is live on one generation.
     generation: AtomicU64,
     remotes: Vec<Remote>,
+    /// Held while asking the VM for `-R` listeners: the watch and a reconnect must not both ask
+    /// for the same one.
+    asking: tokio::sync::Mutex<()>,
     opts: Options,
     tasks: Mutex<Vec<AbortHandle>>,
 }
@@ -260,6 +270,7 @@ impl Shared {
     /// Ask the VM for every `-R` listener it does not hold on the current link, and serve those
     /// it grants. `first`: the start, where a refusal is final. Returns how many are live.
     async fn request_remotes(self: &Arc<Self>, link: &dyn Link, first: bool) -> usize {
+        let _one_at_a_time = self.asking.lock().await;
         let generation = self.generation.load(Ordering::SeqCst);
         let mut live = 0;
         for (i, r) in self.remotes.iter().enumerate() {
