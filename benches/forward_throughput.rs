@@ -1,7 +1,7 @@
 //! Bytes through a local forward: `vtun forward VM -L` vs `ssh -N -L` with the `openssl
 //! s_client` ProxyCommand, on the test bed, in the same run, taking turns. A server on the VM
 //! side (loopback: the bed's VM is this machine) sends N MiB to each connection that asks with
-//! `D`, or reads N MiB from one that sends `U` and answers with the count; the client connects to
+//! `D` and the size, or reads what one that sends `U` uploads and answers with the count; the client connects to
 //! the forward's local port and times that one connection. Prints MB/s per run, the medians, the
 //! ratio, and the forwarder process's CPU seconds (from /proc).
 //!
@@ -28,23 +28,25 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The VM-side server: `D` → N bytes then close; `U` → read to EOF, answer the count.
-fn server(bytes: u64) -> u16 {
+/// The VM-side server: `D` and a big-endian u64 N → N bytes then close; `U` → read to EOF,
+/// answer the count.
+fn server() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
-            std::thread::spawn(move || serve(c, bytes));
+            std::thread::spawn(move || serve(c));
         }
     });
     port
 }
 
-fn serve(mut c: TcpStream, bytes: u64) {
-    let mut cmd = [0u8; 1];
+fn serve(mut c: TcpStream) {
+    let mut cmd = [0u8; 9];
     if c.read_exact(&mut cmd).is_err() {
         return; // a readiness probe
     }
+    let bytes = u64::from_be_bytes(cmd[1..].try_into().unwrap());
     let mut buf = vec![0u8; CHUNK];
     match cmd[0] {
         b'D' => {
@@ -78,7 +80,7 @@ fn transfer(port: u16, bytes: u64, up: bool) -> f64 {
     c.set_nodelay(true).unwrap();
     let mut buf = vec![0u8; CHUNK];
     if up {
-        c.write_all(b"U").unwrap();
+        c.write_all(&[b'U', 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
         let mut left = bytes;
         while left > 0 {
             let n = left.min(CHUNK as u64) as usize;
@@ -90,7 +92,8 @@ fn transfer(port: u16, bytes: u64, up: bool) -> f64 {
         c.read_exact(&mut count).unwrap();
         assert_eq!(u64::from_be_bytes(count), bytes, "upload arrived whole");
     } else {
-        c.write_all(b"D").unwrap();
+        c.write_all(&[&[b'D'][..], &bytes.to_be_bytes()].concat())
+            .unwrap();
         let mut got = 0u64;
         loop {
             match c.read(&mut buf).unwrap() {
@@ -150,7 +153,7 @@ fn main() {
     let up = std::env::var("VTUN_BENCH_DIRECTION").is_ok_and(|d| d == "up");
     let bytes = mb << 20;
     let bed = TestBed::builder().vm("a").delay_ms(delay).start();
-    let target = server(bytes);
+    let target = server();
 
     let vtun_spec = format!("0:127.0.0.1:{target}");
     let mut vtun_cmd = bed.vtun();
