@@ -570,3 +570,22 @@ fn an_unreachable_vm_is_exit_255_and_leaves_no_socket() {
         "the socket bound before connecting is removed"
     );
 }
+
+/// The VM goes down under a forward and comes back: a connection accepted meanwhile waits for
+/// it (the usual boot wait, with its one line) and then goes through.
+#[test]
+fn a_reconnect_waits_for_the_vm_to_come_back() {
+    let mut bed = TestBed::builder().vm("a").start();
+    let body = Arc::new(random_bytes(64 << 10, 11));
+    let web = web_v4(body.clone());
+    let spec = format!("0:127.0.0.1:{web}");
+    let mut fwd = forward(&bed, "a", &["-L", &spec]);
+    let local = port_after(&mut fwd, &format!("-L {spec}: listening on 127.0.0.1:"));
+    assert_eq!(get_tcp(local).as_deref(), Some(&body[..]));
+    bed.stop_vm("a");
+    let during = std::thread::spawn(move || get_tcp(local));
+    fwd.wait_for_stderr("waiting for a.vm.test to accept connections", LIMIT);
+    bed.start_vm("a");
+    assert_eq!(during.join().expect("thread").as_deref(), Some(&body[..]));
+    fwd.wait_for_stderr("reconnected to a.vm.test", LIMIT);
+}

@@ -179,10 +179,13 @@ impl Gateway {
         let (be_r, be_w) = backend.into_split();
         let up = pump::pipe(tls_r, be_w, self.delay, activity.clone(), true);
         let down = pump::pipe(be_r, tls_w, self.delay, activity.clone(), false);
+        // A direction that fails ends both: a backend that resets (a VM closing a connection
+        // with the client's banner unread) must close the client's connection too, not leave
+        // it waiting on the other direction until the client gives up.
         let both = async {
-            let (u, d) = tokio::join!(up, down);
-            u.context("client → backend")?;
-            d.context("backend → client")?;
+            tokio::try_join!(async { up.await.context("client → backend") }, async {
+                down.await.context("backend → client")
+            },)?;
             Ok::<_, anyhow::Error>(())
         };
         let result = self.relay_until_idle(both, &activity).await;
