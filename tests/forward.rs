@@ -589,3 +589,39 @@ fn a_reconnect_waits_for_the_vm_to_come_back() {
     assert_eq!(during.join().expect("thread").as_deref(), Some(&body[..]));
     fwd.wait_for_stderr("reconnected to a.vm.test", LIMIT);
 }
+
+/// Connections that arrive while the VM is down share one reconnect (and its failure): ten at
+/// once fail together after one `--wait`, not one after another; the forward carries on.
+#[test]
+fn connections_during_an_outage_share_one_reconnect() {
+    let mut bed = TestBed::builder().vm("a").start();
+    let body = Arc::new(random_bytes(16 << 10, 12));
+    let web = web_v4(body.clone());
+    let spec = format!("0:127.0.0.1:{web}");
+    let mut cmd = bed.vtun();
+    cmd.args(["forward", "--wait", "2", "a", "-L", &spec]);
+    let mut fwd = Spawned::start(&mut cmd);
+    let local = port_after(&mut fwd, &format!("-L {spec}: listening on 127.0.0.1:"));
+    assert_eq!(get_tcp(local).as_deref(), Some(&body[..]));
+    bed.stop_vm("a");
+    let start = Instant::now();
+    let tries: Vec<_> = (0..10)
+        .map(|_| std::thread::spawn(move || get_tcp(local)))
+        .collect();
+    for t in tries {
+        assert_eq!(t.join().expect("thread"), None, "nothing gets through");
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "one shared wait, not ten: {took:?}"
+    );
+    let err = fwd.stderr_so_far();
+    assert_eq!(err.matches("waiting for a.vm.test").count(), 1, "{err}");
+    bed.start_vm("a");
+    assert_eq!(
+        get_tcp(local).as_deref(),
+        Some(&body[..]),
+        "back after the outage"
+    );
+}
