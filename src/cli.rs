@@ -266,10 +266,10 @@ pub struct ForwardFlags {
     pub local: Vec<String>,
     /// Listen on the VM, connect from here: [BIND:]PORT:HOST:HOSTPORT (repeatable).
     ///
-    /// Also [BIND:]PORT:LOCAL_SOCKET, REMOTE_SOCKET:HOST:HOSTPORT and
-    /// REMOTE_SOCKET:LOCAL_SOCKET. BIND defaults to the VM's loopback; `*` asks for all
-    /// addresses (its sshd grants that only with GatewayPorts). PORT 0 lets the VM pick one,
-    /// which is printed.
+    /// Also [BIND:]PORT:LOCAL_SOCKET, REMOTE_SOCKET:HOST:HOSTPORT, REMOTE_SOCKET:LOCAL_SOCKET,
+    /// and [BIND:]PORT alone: a SOCKS5 proxy on the VM whose connections start here. BIND
+    /// defaults to the VM's loopback; `*` asks for all addresses (its sshd grants that only with
+    /// GatewayPorts). PORT 0 lets the VM pick one, which is printed.
     #[arg(short = 'R', value_name = "SPEC")]
     pub remote: Vec<String>,
     /// A SOCKS5 proxy here whose connections start on the VM: [BIND:]PORT (repeatable).

@@ -625,3 +625,46 @@ fn connections_during_an_outage_share_one_reconnect() {
         "back after the outage"
     );
 }
+
+/// `-R [BIND:]PORT`: a SOCKS5 proxy on the VM whose connections start here (as OpenSSH's).
+#[test]
+fn remote_dynamic_forward_is_a_socks_proxy_on_the_vm() {
+    let bed = TestBed::builder().vm("a").start();
+    let body = Arc::new(random_bytes(256 << 10, 13));
+    let want = hash(&body);
+    let web = web_v4(body);
+    let mut fwd = forward(&bed, "a", &["-R", "127.0.0.1:0"]);
+    let port = port_after(
+        &mut fwd,
+        "-R 127.0.0.1:0: a.vm.test listening on 127.0.0.1:",
+    );
+    assert!(fwd
+        .stderr_so_far()
+        .contains("→ SOCKS5, connecting from here"));
+    let proxy = format!("127.0.0.1:{port}");
+    let f = bed.dir("rsocks").join("f");
+    let url = format!("http://localhost:{web}/file");
+    curl(
+        &bed,
+        &[
+            "--socks5-hostname",
+            &proxy,
+            "-o",
+            f.to_str().expect("utf-8"),
+            &url,
+        ],
+    )
+    .assert_ok();
+    assert_eq!(hash_file(&f), want);
+    // A refused target: SOCKS5 reply 5, and one line naming the forward.
+    let (_held, closed) = refusing_port();
+    let out = curl(
+        &bed,
+        &["--socks5", &proxy, &format!("http://127.0.0.1:{closed}/")],
+    );
+    assert!(out.stderr.contains("(5)"), "{}", out.stderr);
+    fwd.wait_for_stderr(
+        &format!("-R 127.0.0.1:0: cannot connect to 127.0.0.1:{closed} here"),
+        LIMIT,
+    );
+}

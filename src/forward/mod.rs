@@ -93,7 +93,7 @@ pub async fn start(connector: Arc<dyn Connector>, host: Host, opts: Options) -> 
         .specs
         .iter()
         .filter(|s| s.kind == Kind::Remote)
-        .filter_map(|s| {
+        .map(|s| {
             let listen = match &s.listen {
                 Listen::Tcp { bind, port } => RemoteListen::Tcp {
                     address: spec::remote_bind(bind.as_deref()).to_string(),
@@ -101,12 +101,12 @@ pub async fn start(connector: Arc<dyn Connector>, host: Host, opts: Options) -> 
                 },
                 Listen::Unix(p) => RemoteListen::Unix(p.clone()),
             };
-            Some(Remote {
+            Remote {
                 spec: s.clone(),
                 listen,
-                target: s.target.clone()?,
+                target: s.target.clone(),
                 state: Mutex::default(),
-            })
+            }
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -176,7 +176,8 @@ struct Shared {
 struct Remote {
     spec: Spec,
     listen: RemoteListen,
-    target: Target,
+    /// `None`: a SOCKS proxy on the VM, connecting from here.
+    target: Option<Target>,
     state: Mutex<RemoteState>,
 }
 
@@ -309,9 +310,13 @@ impl Shared {
                             }
                             (RemoteListen::Unix(path), _) => path.clone(),
                         };
+                        let to = match &r.target {
+                            Some(t) => format!("{t} here"),
+                            None => "SOCKS5, connecting from here".to_string(),
+                        };
                         self.info(&format!(
-                            "{}: {} listening on {at} → {} here",
-                            r.spec, self.host.name, r.target
+                            "{}: {} listening on {at} → {to}",
+                            r.spec, self.host.name
                         ));
                     }
                     let task = tokio::spawn(serve_remote(self.clone(), i, listener.incoming));
@@ -518,14 +523,46 @@ async fn serve_remote(
             let Some(r) = shared.remotes.get(i) else {
                 return;
             };
-            match connect_here(&r.target).await {
-                Ok(local) => splice(local, remote).await,
-                Err(e) => shared.error(&format!(
-                    "{}: cannot connect to {} here: {e}",
-                    r.spec, r.target
-                )),
+            let done = match &r.target {
+                Some(t) => match connect_here(t).await {
+                    Ok(local) => {
+                        splice(local, remote).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(anyhow!("cannot connect to {t} here: {e}")),
+                },
+                None => socks_here(remote).await,
+            };
+            if let Err(e) = done {
+                shared.error(&format!("{}: {e:#}", r.spec));
             }
         });
+    }
+}
+
+/// A SOCKS5 client on the VM (`-R [BIND:]PORT`): connect where it asks, from here.
+async fn socks_here(mut remote: Box<dyn RemoteIo>) -> Result<()> {
+    let req = tokio::time::timeout(SOCKS_HANDSHAKE, socks::accept(&mut remote))
+        .await
+        .map_err(|_| anyhow!("a SOCKS5 client said nothing for {SOCKS_HANDSHAKE:?}"))??;
+    let target = Target::Tcp {
+        host: req.host,
+        port: req.port,
+    };
+    match connect_here(&target).await {
+        Ok(local) => {
+            socks::reply(&mut remote, socks::Reply::Succeeded).await?;
+            splice(local, remote).await;
+            Ok(())
+        }
+        Err(e) => {
+            let code = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => socks::Reply::ConnectionRefused,
+                _ => socks::Reply::HostUnreachable,
+            };
+            let _ = socks::reply(&mut remote, code).await;
+            Err(anyhow!("cannot connect to {target} here: {e}"))
+        }
     }
 }
 

@@ -25,6 +25,7 @@ pub enum Reply {
     GeneralFailure = 0x01,
     NotAllowed = 0x02,
     HostUnreachable = 0x04,
+    ConnectionRefused = 0x05,
     CommandNotSupported = 0x07,
     AddressNotSupported = 0x08,
 }

@@ -9,14 +9,15 @@
 
 use std::fmt;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Which way a forward goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// `-L`: listen here, connect from the VM.
     Local,
-    /// `-R`: listen on the VM, connect from here.
+    /// `-R`: listen on the VM, connect from here (to a fixed target, or where a SOCKS client on
+    /// the VM asks).
     Remote,
     /// `-D`: a SOCKS5 proxy here, connecting from the VM.
     Dynamic,
@@ -55,7 +56,7 @@ pub enum Target {
 pub struct Spec {
     pub kind: Kind,
     pub listen: Listen,
-    /// `None` for `-D` (the SOCKS client names the target).
+    /// `None` for `-D` and `-R [BIND:]PORT` (the SOCKS client names the target).
     pub target: Option<Target>,
     /// The operand as typed, for messages.
     pub text: String,
@@ -143,7 +144,7 @@ impl Spec {
                 }
                 Kind::Remote => {
                     "[BIND:]PORT:HOST:HOSTPORT, [BIND:]PORT:LOCAL_SOCKET, \
-                                 REMOTE_SOCKET:HOST:HOSTPORT or REMOTE_SOCKET:LOCAL_SOCKET"
+                                 REMOTE_SOCKET:HOST:HOSTPORT, REMOTE_SOCKET:LOCAL_SOCKET or [BIND:]PORT"
                 }
                 Kind::Dynamic => "[BIND:]PORT",
             };
@@ -174,13 +175,11 @@ impl Spec {
             (_, [p, s]) if s.path => (tcp(None, p)?, Some(Target::Unix(path(s)))),
             (_, [s, h, p]) if s.path => (Listen::Unix(path(s)), Some(to_tcp(h, p)?)),
             (_, [b, p, s]) if s.path => (tcp(Some(b), p)?, Some(Target::Unix(path(s)))),
+            // A SOCKS proxy on the VM whose connections start here (OpenSSH 7.6's -R PORT).
+            (Kind::Remote, [p]) if !p.path => (tcp(None, p)?, None),
+            (Kind::Remote, [b, p]) if !p.path && !b.path => (tcp(Some(b), p)?, None),
             (_, [p, h, hp]) => (tcp(None, p)?, Some(to_tcp(h, hp)?)),
             (_, [b, p, h, hp]) => (tcp(Some(b), p)?, Some(to_tcp(h, hp)?)),
-            (Kind::Remote, [_] | [_, _]) => bail!(
-                "{} {text}: a SOCKS proxy on the VM (-R [BIND:]PORT) is not supported; \
-                 use -D for one here",
-                kind.flag()
-            ),
             _ => return Err(usage()),
         };
         Ok(Spec {
@@ -258,6 +257,11 @@ mod tests {
             (tcp_listen(Some("::1"), 8080), tcp_target("fe80::1", 80))
         );
         assert_eq!(parse(Kind::Dynamic, "1080"), (tcp_listen(None, 1080), None));
+        assert_eq!(parse(Kind::Remote, "1080"), (tcp_listen(None, 1080), None));
+        assert_eq!(
+            parse(Kind::Remote, "*:1080"),
+            (tcp_listen(Some("*"), 1080), None)
+        );
         assert_eq!(
             parse(Kind::Dynamic, "[::]:1080"),
             (tcp_listen(Some("::"), 1080), None)
@@ -331,8 +335,8 @@ mod tests {
             let e = Spec::parse(kind, s).unwrap_err().to_string();
             assert!(e.contains("expected"), "{s}: {e}");
         }
-        let e = Spec::parse(Kind::Remote, "8080").unwrap_err().to_string();
-        assert!(e.contains("not supported"), "{e}");
+        let e = Spec::parse(Kind::Remote, "/tmp/s").unwrap_err().to_string();
+        assert!(e.contains("expected"), "{e}");
     }
 
     #[test]
