@@ -7,7 +7,12 @@
 //! accepted, or a timer when there are `-R` forwards, asks the connector for a new link (with the
 //! usual boot wait) and asks the VM again for the `-R` listeners. One reconnect at a time: the
 //! connections that arrive meanwhile wait for it and share its outcome.
+//!
+//! Here: setting up, the shared link and its reconnects; `local` serves the listeners here
+//! (`-L`, `-D`), `remote` those on the VM (`-R`), `spec` parses the operands, `socks` is SOCKS5.
 
+mod local;
+mod remote;
 pub mod socks;
 pub mod spec;
 
@@ -17,12 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::link::{Connector, Link, Refused, RefusedWhy, RemoteIo, RemoteListen};
+use crate::link::{Connector, Link, Refused, RemoteIo, RemoteListen};
 use crate::target::Host;
+use local::{serve_listener, Listener};
 use spec::{Kind, Listen, Spec, Target};
 
 /// Copy buffer per direction of a forwarded connection: a few SSH packets, so a fast link is
@@ -267,100 +271,6 @@ impl Shared {
             other => other,
         }
     }
-
-    /// Ask the VM for every `-R` listener it does not hold on the current link, and serve those
-    /// it grants. `first`: the start, where a refusal is final. Returns how many are live.
-    async fn request_remotes(self: &Arc<Self>, link: &dyn Link, first: bool) -> usize {
-        let _one_at_a_time = self.asking.lock().await;
-        let generation = self.generation.load(Ordering::SeqCst);
-        let mut live = 0;
-        for (i, r) in self.remotes.iter().enumerate() {
-            let stale = {
-                let st = lock(&r.state);
-                if st.given_up {
-                    continue;
-                }
-                if st.live_on == Some(generation) {
-                    live += 1;
-                    continue;
-                }
-                st.live_on.is_some() && !st.warned
-            };
-            if let (RemoteListen::Unix(path), true) = (&r.listen, stale) {
-                remove_stale_socket(link, path).await;
-            }
-            match link.remote_forward(r.listen.clone()).await {
-                Ok(listener) => {
-                    let say = {
-                        let mut st = lock(&r.state);
-                        let say = first || st.warned || st.port != listener.port;
-                        st.live_on = Some(generation);
-                        st.port = listener.port;
-                        st.warned = false;
-                        say
-                    };
-                    let picked = matches!(r.listen, RemoteListen::Tcp { port: 0, .. });
-                    if say && (self.opts.announce || picked || !first) {
-                        let at = match (&r.listen, listener.port) {
-                            (RemoteListen::Tcp { address, .. }, Some(p)) => {
-                                show_remote_bind(address, p)
-                            }
-                            (RemoteListen::Tcp { address, port }, None) => {
-                                show_remote_bind(address, *port)
-                            }
-                            (RemoteListen::Unix(path), _) => path.clone(),
-                        };
-                        let to = match &r.target {
-                            Some(t) => format!("{t} here"),
-                            None => "SOCKS5, connecting from here".to_string(),
-                        };
-                        self.info(&format!(
-                            "{}: {} listening on {at} → {to}",
-                            r.spec, self.host.name
-                        ));
-                    }
-                    let task = tokio::spawn(serve_remote(self.clone(), i, listener.incoming));
-                    self.keep(task.abort_handle());
-                    live += 1;
-                }
-                Err(e) if e.downcast_ref::<Refused>().is_some() => {
-                    let mut st = lock(&r.state);
-                    if first {
-                        st.given_up = true;
-                        self.error(&format!("{}: {e:#}", r.spec));
-                    } else if !st.warned {
-                        st.warned = true;
-                        self.error(&format!("{}: {e:#}; asking again", r.spec));
-                    }
-                }
-                // The link went away meanwhile: the next reconnect asks again.
-                Err(e) => {
-                    if first {
-                        self.error(&format!("{}: {e:#}", r.spec));
-                    }
-                    tracing::debug!("{}: {e:#}", r.spec);
-                }
-            }
-        }
-        live
-    }
-}
-
-/// sshd leaves the socket of a streamlocal forward behind when its connection dies (unless the
-/// VM's sshd has `StreamLocalBindUnlink yes`), and then refuses to listen there again: remove
-/// the one our previous connection left, once, before asking on the new connection.
-async fn remove_stale_socket(link: &dyn Link, path: &str) {
-    use tokio::io::AsyncReadExt;
-    let cmd = format!("rm -f -- {}", crate::exec::quote::quote(path));
-    match link.exec(&cmd).await {
-        Ok(mut io) => {
-            let mut out = Vec::new();
-            if let Err(e) = io.read_to_end(&mut out).await {
-                tracing::debug!("{cmd}: {e}");
-            }
-        }
-        Err(e) => tracing::debug!("{cmd}: {e:#}"),
-    }
 }
 
 /// `localhost:8080`, `*:8080` (all addresses), `[::1]:8080`.
@@ -408,172 +318,6 @@ async fn open_on(link: &dyn Link, target: &Target) -> Result<Box<dyn RemoteIo>> 
     match target {
         Target::Tcp { host, port } => link.direct_tcpip(host, *port).await,
         Target::Unix(path) => link.direct_streamlocal(path).await,
-    }
-}
-
-/// A local listener: a TCP port or a Unix socket.
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-impl Listener {
-    /// Bind, and say where (`127.0.0.1:8080`, with the port the system picked for 0).
-    async fn bind(listen: &Listen) -> Result<(Listener, String)> {
-        match listen {
-            Listen::Tcp { bind, port } => {
-                let addr = spec::local_bind(bind.as_deref());
-                let l = TcpListener::bind((addr, *port)).await?;
-                let at = l.local_addr()?.to_string();
-                Ok((Listener::Tcp(l), at))
-            }
-            Listen::Unix(path) => {
-                let l = UnixListener::bind(path)?;
-                // Only this user may connect, as ssh's default StreamLocalBindMask 0177 gives.
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("cannot restrict {path} to this user"))?;
-                Ok((Listener::Unix(l), path.clone()))
-            }
-        }
-    }
-
-    async fn accept(&self) -> std::io::Result<Box<dyn RemoteIo>> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok(Box::new(s))
-            }
-            Listener::Unix(l) => {
-                let (s, _) = l.accept().await?;
-                Ok(Box::new(s))
-            }
-        }
-    }
-}
-
-/// Accept connections on a `-L` or `-D` listener for as long as the forwarding runs.
-async fn serve_listener(shared: Arc<Shared>, listener: Listener, spec: Spec) {
-    loop {
-        let local = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors, typically: wait for some to be freed, keep the listener.
-                tracing::warn!("{spec}: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let spec = spec.clone();
-        tokio::spawn(async move {
-            let done = match &spec.target {
-                Some(target) => forward_local(&shared, local, target).await,
-                None => forward_socks(&shared, local).await,
-            };
-            if let Err(e) = done {
-                shared.error(&format!("{spec}: {e:#}"));
-            }
-        });
-    }
-}
-
-async fn forward_local(shared: &Arc<Shared>, local: Box<dyn RemoteIo>, to: &Target) -> Result<()> {
-    let remote = shared.open(to).await?;
-    splice(local, remote).await;
-    Ok(())
-}
-
-async fn forward_socks(shared: &Arc<Shared>, mut local: Box<dyn RemoteIo>) -> Result<()> {
-    let req = tokio::time::timeout(SOCKS_HANDSHAKE, socks::accept(&mut local))
-        .await
-        .map_err(|_| anyhow!("a SOCKS5 client said nothing for {SOCKS_HANDSHAKE:?}"))??;
-    let target = Target::Tcp {
-        host: req.host,
-        port: req.port,
-    };
-    match shared.open(&target).await {
-        Ok(remote) => {
-            socks::reply(&mut local, socks::Reply::Succeeded).await?;
-            splice(local, remote).await;
-            Ok(())
-        }
-        Err(e) => {
-            let code = match e.downcast_ref::<Refused>().map(|r| r.why) {
-                Some(RefusedWhy::Prohibited) => socks::Reply::NotAllowed,
-                Some(RefusedWhy::Unreachable) => socks::Reply::HostUnreachable,
-                _ => socks::Reply::GeneralFailure,
-            };
-            let _ = socks::reply(&mut local, code).await;
-            Err(e)
-        }
-    }
-}
-
-/// Serve the connections the VM hands us for the `i`th `-R` forward until its link goes.
-async fn serve_remote(
-    shared: Arc<Shared>,
-    i: usize,
-    mut incoming: mpsc::Receiver<Box<dyn RemoteIo>>,
-) {
-    while let Some(remote) = incoming.recv().await {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let Some(r) = shared.remotes.get(i) else {
-                return;
-            };
-            let done = match &r.target {
-                Some(t) => match connect_here(t).await {
-                    Ok(local) => {
-                        splice(local, remote).await;
-                        Ok(())
-                    }
-                    Err(e) => Err(anyhow!("cannot connect to {t} here: {e}")),
-                },
-                None => socks_here(remote).await,
-            };
-            if let Err(e) = done {
-                shared.error(&format!("{}: {e:#}", r.spec));
-            }
-        });
-    }
-}
-
-/// A SOCKS5 client on the VM (`-R [BIND:]PORT`): connect where it asks, from here.
-async fn socks_here(mut remote: Box<dyn RemoteIo>) -> Result<()> {
-    let req = tokio::time::timeout(SOCKS_HANDSHAKE, socks::accept(&mut remote))
-        .await
-        .map_err(|_| anyhow!("a SOCKS5 client said nothing for {SOCKS_HANDSHAKE:?}"))??;
-    let target = Target::Tcp {
-        host: req.host,
-        port: req.port,
-    };
-    match connect_here(&target).await {
-        Ok(local) => {
-            socks::reply(&mut remote, socks::Reply::Succeeded).await?;
-            splice(local, remote).await;
-            Ok(())
-        }
-        Err(e) => {
-            let code = match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => socks::Reply::ConnectionRefused,
-                _ => socks::Reply::HostUnreachable,
-            };
-            let _ = socks::reply(&mut remote, code).await;
-            Err(anyhow!("cannot connect to {target} here: {e}"))
-        }
-    }
-}
-
-async fn connect_here(target: &Target) -> std::io::Result<Box<dyn RemoteIo>> {
-    match target {
-        Target::Tcp { host, port } => {
-            let s = TcpStream::connect((host.as_str(), *port)).await?;
-            let _ = s.set_nodelay(true);
-            Ok(Box::new(s))
-        }
-        Target::Unix(path) => Ok(Box::new(UnixStream::connect(path).await?)),
     }
 }
 
