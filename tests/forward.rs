@@ -617,7 +617,10 @@ fn connections_during_an_outage_share_one_reconnect() {
         "one shared wait, not ten: {took:?}"
     );
     let err = fwd.stderr_so_far();
-    assert_eq!(err.matches("waiting for a.vm.test").count(), 1, "{err}");
+    // One wait for all ten (two if the machine is slow enough that a connection is accepted
+    // only after the first wait ended; ten one after another would take 20 s).
+    let waits = err.matches("waiting for a.vm.test").count();
+    assert!((1..=2).contains(&waits), "{err}");
     bed.start_vm("a");
     assert_eq!(
         get_tcp(local).as_deref(),
