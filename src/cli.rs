@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Reach VMs behind a TLS edge: ProxyCommand, exec, ssh, cp and sync over verified TLS.
+/// Reach VMs behind a TLS edge: ProxyCommand, exec, ssh, cp, sync and forward over verified TLS.
 ///
 /// A VM is `[user@]NAME`: a NAME without a dot becomes `NAME.<domain>` (default vm.vers.sh); a
 /// NAME with a dot is used as is. A remote path is `VM:PATH`; as with scp, a `/` before the first
@@ -177,6 +177,9 @@ pub enum Command {
     ///
     /// With no VM, the VM in ./.vers/HEAD, as `vers` commands do. A command needs a VM before it
     /// (`vtun ssh HEAD uptime`): the first operand is always the VM.
+    ///
+    /// With -L, -R or -D (before CMD), also forwards ports as `vtun forward` does, for as long as
+    /// the shell or command runs.
     Ssh(SshArgs),
     /// Run a command on a VM: stdout/stderr kept apart, stdin streamed, remote exit status.
     ///
@@ -194,6 +197,13 @@ pub enum Command {
     ///
     /// A trailing `/` on SRC means "the contents of SRC", as in rsync.
     Sync(SyncArgs),
+    /// Forward ports to and from a VM (-L, -R, -D as with ssh) until Ctrl-C, across reconnects.
+    ///
+    /// Says on stderr, one line per forward, what listens where. Listeners stay open when the
+    /// connection is lost: connections that were open through it close, and the next one (or,
+    /// with -R, a check every 2 s) reconnects and asks the VM for the -R listeners again.
+    /// Ctrl-C or SIGTERM stops it (exit 0); a local port already in use is exit 1.
+    Forward(ForwardArgs),
     /// Measure the path to a VM: setup time, round trip, upload and download speed.
     Bench(BenchArgs),
     /// The server half: a TLS edge that routes connections by SNI to TCP backends.
@@ -235,7 +245,56 @@ pub struct SshArgs {
     )]
     pub command: Vec<String>,
     #[command(flatten)]
+    pub forwards: ForwardFlags,
+    #[command(flatten)]
     pub identity: IdentityArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    group(clap::ArgGroup::new("forwards").args(["local", "remote", "dynamic"]).multiple(true).required(true)),
+    after_help = "Examples:\n  \
+        vtun forward vm -L 5432:localhost:5432            the VM's postgres on 127.0.0.1:5432 here\n  \
+        vtun forward vm -L 8080:10.0.0.5:80 -L 9229:localhost:9229\n  \
+        vtun forward vm -L /tmp/pg.sock:/run/postgresql/.s.PGSQL.5432\n  \
+        vtun forward vm -R 0:localhost:3000                a port on the VM (it picks) → :3000 here\n  \
+        vtun forward vm -D 1080                            curl --socks5-hostname 127.0.0.1:1080 …"
+)]
+pub struct ForwardArgs {
+    /// The VM: [user@]NAME.
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    #[command(flatten)]
+    pub forwards: ForwardFlags,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// `-L`, `-R`, `-D` (for `vtun forward` and `vtun ssh`), in OpenSSH's syntax.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Forwarding (as with ssh)")]
+pub struct ForwardFlags {
+    /// Listen here, connect from the VM: [BIND:]PORT:HOST:HOSTPORT (repeatable).
+    ///
+    /// Also [BIND:]PORT:REMOTE_SOCKET, LOCAL_SOCKET:HOST:HOSTPORT and LOCAL_SOCKET:REMOTE_SOCKET:
+    /// a field with a `/` is a Unix socket path. BIND defaults to 127.0.0.1; `*` or an empty
+    /// BIND listens on all addresses; PORT 0 takes a free port. HOST is resolved on the VM.
+    #[arg(short = 'L', value_name = "SPEC")]
+    pub local: Vec<String>,
+    /// Listen on the VM, connect from here: [BIND:]PORT:HOST:HOSTPORT (repeatable).
+    ///
+    /// Also [BIND:]PORT:LOCAL_SOCKET, REMOTE_SOCKET:HOST:HOSTPORT, REMOTE_SOCKET:LOCAL_SOCKET,
+    /// and [BIND:]PORT alone: a SOCKS5 proxy on the VM whose connections start here. BIND
+    /// defaults to the VM's loopback; `*` asks for all addresses (its sshd grants that only with
+    /// GatewayPorts). PORT 0 lets the VM pick one, which is printed.
+    #[arg(short = 'R', value_name = "SPEC")]
+    pub remote: Vec<String>,
+    /// A SOCKS5 proxy here whose connections start on the VM: [BIND:]PORT (repeatable).
+    ///
+    /// CONNECT to IPv4, IPv6 and host names, resolved on the VM (curl --socks5-hostname); no
+    /// authentication.
+    #[arg(short = 'D', value_name = "[BIND:]PORT")]
+    pub dynamic: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -534,6 +593,34 @@ mod tests {
         assert!(cli.global.no_resume);
         match cli.command {
             Command::Ssh(s) => assert_eq!(s.vm.as_deref(), Some("HEAD")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn forward_needs_a_forward_and_ssh_takes_them_before_the_command() {
+        assert!(Cli::try_parse_from(["vtun", "forward", "vm"]).is_err());
+        let cli = Cli::try_parse_from([
+            "vtun", "forward", "vm", "-L", "1:h:2", "-D", "3", "-L", "4:h:5",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Forward(f) => {
+                assert_eq!(f.forwards.local, ["1:h:2", "4:h:5"]);
+                assert_eq!(f.forwards.dynamic, ["3"]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "vtun", "ssh", "-R", "0:h:1", "vm", "-L", "1:h:2", "ls", "-L",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ssh(s) => {
+                assert_eq!(s.forwards.remote, ["0:h:1"]);
+                assert_eq!(s.forwards.local, ["1:h:2"]);
+                assert_eq!(s.command, ["ls", "-L"]);
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -3,7 +3,8 @@
 //! The binary is a thin shell over this library: `cli` parses, `target` turns operands into typed
 //! hosts and paths, `tls` dials the edge, `ssh` runs SSH over that stream, `link` is the seam
 //! through which everything opens its streams on a VM, `cmd` turns a subcommand's flags into
-//! typed options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `gateway`) take them.
+//! typed options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `forward`, `gateway`) take
+//! them.
 
 pub mod agent;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod delta;
 pub mod error;
 pub mod exec;
 pub mod fanout;
+pub mod forward;
 pub mod fs;
 pub mod gateway;
 pub mod link;

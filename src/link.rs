@@ -1,7 +1,8 @@
 //! The seam between everything that works on a VM (exec, ssh, cp, sync, and port forwarding to
 //! come) and whatever carries the bytes: a [`Link`] opens, on one VM, SFTP streams, commands as
 //! byte streams, full exec channels (pty, env, separate stdin/stdout/stderr, exit status,
-//! signals, window changes) and direct-tcpip streams.
+//! signals, window changes), streams to TCP ports and Unix sockets as seen from the VM, and
+//! listeners on the VM whose connections come back to us (port forwarding).
 //!
 //! In production the link is an SSH session (see `ssh`), whose channels it multiplexes.
 //! [`Subprocess`] runs the same remote programs (OpenSSH's `sftp-server`, `vtun agent`, `sh -c`)
@@ -45,8 +46,64 @@ pub trait Link: Send + Sync + 'static {
         );
         Box::pin(async move { bail!(what) })
     }
+    /// A stream to the Unix socket at `path` on the VM (OpenSSH's direct-streamlocal).
+    fn direct_streamlocal(&self, path: &str) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        let what = format!("{}: this link cannot open streams to {path}", self.name());
+        Box::pin(async move { bail!(what) })
+    }
+    /// Ask the VM to listen at `listen`; each connection made to it there arrives on the
+    /// returned listener's `incoming`, which ends when the link does. A refusal by the VM is a
+    /// [`Refused`] error.
+    fn remote_forward(&self, listen: RemoteListen) -> BoxFuture<'_, Result<RemoteListener>> {
+        let what = format!("{}: this link cannot listen on the VM", self.name());
+        let _ = listen;
+        Box::pin(async move { bail!(what) })
+    }
+    /// Whether the link is gone for good (its connection was lost or closed): a user of a
+    /// long-lived link asks its connector for a new one then.
+    fn is_closed(&self) -> bool {
+        false
+    }
     /// A short name for messages (`a.vm.vers.sh`).
     fn name(&self) -> &str;
+}
+
+/// Where the VM should listen for a remote forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteListen {
+    /// `address` as OpenSSH sends it: `localhost` (loopback), `` (all addresses) or a name or
+    /// address; `port` 0 lets the VM pick one.
+    Tcp { address: String, port: u16 },
+    /// A Unix socket path on the VM (OpenSSH's streamlocal-forward).
+    Unix(String),
+}
+
+/// A listener on the VM (see [`Link::remote_forward`]).
+pub struct RemoteListener {
+    /// The port the VM listens on (the one it picked when 0 was asked for); `None` for a socket.
+    pub port: Option<u16>,
+    /// One stream per connection made to the listener on the VM.
+    pub incoming: mpsc::Receiver<Box<dyn RemoteIo>>,
+}
+
+/// The VM said no to one stream or listener while the link itself is fine: its sshd forbids
+/// forwarding, it cannot reach the target, the port is taken there.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub why: RefusedWhy,
+    pub message: String,
+}
+
+/// Why the VM refused (as far as SSH says; it maps onto SOCKS reply codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedWhy {
+    /// Administratively prohibited (`AllowTcpForwarding no`, `PermitOpen`).
+    Prohibited,
+    /// The VM could not connect to the target.
+    Unreachable,
+    /// Anything else (a listener it could not open, an unknown reason).
+    Other,
 }
 
 /// What to start on an exec channel.
@@ -363,6 +420,17 @@ impl Link for Subprocess {
                 .await
                 .with_context(|| format!("cannot connect to {host}:{port}"))?;
             let io: Box<dyn RemoteIo> = Box::new(tcp);
+            Ok(io)
+        })
+    }
+
+    fn direct_streamlocal(&self, path: &str) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        let path = path.to_string();
+        Box::pin(async move {
+            let unix = tokio::net::UnixStream::connect(&path)
+                .await
+                .with_context(|| format!("cannot connect to {path}"))?;
+            let io: Box<dyn RemoteIo> = Box::new(unix);
             Ok(io)
         })
     }

@@ -1,5 +1,6 @@
 //! `vtun gateway`'s own limits: a client that connects and sends nothing is closed after the
-//! handshake timeout, and connections past `--max-connections` are closed as they arrive.
+//! handshake timeout, and connections past `--max-connections` are closed as they arrive; and a
+//! backend that resets closes the client's connection.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -132,4 +133,34 @@ fn a_backend_reset_closes_the_client_stream() {
         "{}",
         out.stderr
     );
+}
+
+/// A VM that is down closes each connection with the client's SSH banner unread, which resets
+/// it; the gateway must close the client's side then, so vtun retries (boot wait) instead of
+/// waiting out its connect timeout. Whether the banner arrives before the close is a race, so
+/// several tries.
+#[test]
+fn a_backend_reset_closes_the_client_connection() {
+    let mut bed = TestBed::builder().vm("a").start();
+    bed.stop_vm("a");
+    for _ in 0..6 {
+        let mut cmd = bed.vtun();
+        cmd.args([
+            "--wait",
+            "1",
+            "--connect-timeout",
+            "20",
+            "exec",
+            "a",
+            "--",
+            "true",
+        ]);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
+        assert_eq!(out.code(), 255, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("gave up after waiting"),
+            "{}",
+            out.stderr
+        );
+    }
 }

@@ -3,6 +3,8 @@
 //! Each argument is quoted for the remote shell (see [`crate::exec::quote`]), so the remote
 //! command sees the argv the user typed; `--sh` sends one shell line as is.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 
 use crate::cli::{ExecArgs, GlobalArgs};
@@ -64,13 +66,26 @@ pub fn run(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
         raw: args.tty && crate::exec::stdin_is_tty(),
         request,
     };
-    on_vm(&settings, &host, opts)
+    on_vm(&settings, &host, opts, None)
 }
 
-/// Connect to `host` and run `opts` there with this process's stdio (shared with `vtun ssh`).
-pub(super) fn on_vm(settings: &Settings, host: &Host, opts: ExecOptions) -> Result<u8> {
+/// Connect to `host` and run `opts` there with this process's stdio (shared with `vtun ssh`),
+/// serving `forwards` on the same connection for as long as the command runs.
+pub(super) fn on_vm(
+    settings: &Settings,
+    host: &Host,
+    opts: ExecOptions,
+    forwards: Option<crate::forward::Options>,
+) -> Result<u8> {
     super::Runtime::Workers(2).block_on(async {
-        let link = SshConnector::new(settings.clone()).connect(host).await?;
-        crate::exec::run(link.as_ref(), opts, Stdio::process()).await
+        let connector = Arc::new(SshConnector::new(settings.clone()));
+        let forwarding = match forwards {
+            Some(f) => Some(crate::forward::start(connector.clone(), host.clone(), f).await?),
+            None => None,
+        };
+        let link = connector.connect(host).await?;
+        let code = crate::exec::run(link.as_ref(), opts, Stdio::process()).await;
+        drop(forwarding);
+        code
     })
 }

@@ -9,6 +9,7 @@ mod completions;
 pub mod cp;
 pub mod exec;
 mod fanout;
+pub mod forward;
 mod gateway;
 mod proxy;
 pub mod ssh;
@@ -39,6 +40,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Exec(a) => exec::run(g, &a),
         Command::Cp(a) => cp::run(g, &a),
         Command::Sync(a) => sync::run(g, &a),
+        Command::Forward(a) => forward::run(g, &a),
         Command::Bench(a) => bench::run(g, &a),
     }
 }

@@ -1,5 +1,6 @@
 //! `vtun ssh VM [CMD…]`: a login shell (with a PTY when stdin is a terminal) or a command
-//! joined with spaces, as ssh does, on an exec channel of the VM's link.
+//! joined with spaces, as ssh does, on an exec channel of the VM's link; with -L/-R/-D, the
+//! forwards of `vtun forward` on the same connection while it runs.
 
 use anyhow::Result;
 
@@ -26,5 +27,12 @@ pub fn run(g: &GlobalArgs, args: &SshArgs) -> Result<u8> {
         },
         raw: want_pty && stdin_tty,
     };
-    super::exec::on_vm(&settings, &host, opts)
+    let specs = super::forward::specs(&args.forwards)?;
+    let forwards = (!specs.is_empty()).then_some(crate::forward::Options {
+        specs,
+        // As ssh: quiet about forwards, except the ports the VM picks for -R 0.
+        announce: false,
+        quiet: settings.quiet,
+    });
+    super::exec::on_vm(&settings, &host, opts, forwards)
 }

@@ -22,7 +22,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, OnceCell};
 
 use super::{Session, SshError};
-use crate::link::{Connector, ExecChannel, ExecRequest, Link, RemoteIo, Start};
+use crate::link::{
+    Connector, ExecChannel, ExecRequest, Link, RemoteIo, RemoteListen, RemoteListener, Start,
+};
 use crate::settings::Settings;
 use crate::target::Host;
 
@@ -329,6 +331,24 @@ impl Link for Session {
             let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
             Ok(io)
         })
+    }
+
+    fn direct_streamlocal(&self, path: &str) -> BoxFuture<'_, Result<Box<dyn RemoteIo>>> {
+        let path = path.to_string();
+        Box::pin(async move {
+            let ch = self.open_direct_streamlocal(&path).await?;
+            let what = format!("a stream to {path}");
+            let io: Box<dyn RemoteIo> = Box::new(ChannelIo::new(ch, what, self.name()));
+            Ok(io)
+        })
+    }
+
+    fn remote_forward(&self, listen: RemoteListen) -> BoxFuture<'_, Result<RemoteListener>> {
+        Box::pin(Session::remote_forward(self, listen))
+    }
+
+    fn is_closed(&self) -> bool {
+        Session::is_closed(self)
     }
 
     fn name(&self) -> &str {

@@ -161,9 +161,11 @@ fn lookup(text: &str, label: &str, key: &PublicKey) -> Verdict {
     changed.unwrap_or(Verdict::Unknown)
 }
 
-/// The russh client handler: checks the host key; everything else is handled per channel.
+/// The russh client handler: checks the host key and hands channels the server opens for our
+/// remote forwards to their listeners (see `forwarded`); everything else is handled per channel.
 pub struct Client {
     pub pins: Pins,
+    pub forwards: std::sync::Arc<super::forwarded::Forwards>,
 }
 
 impl russh::client::Handler for Client {
@@ -184,6 +186,38 @@ impl russh::client::Handler for Client {
             ))
             .into()),
         }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<russh::client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let to = self.forwards.route_tcp(connected_address, connected_port);
+        let what = format!(
+            "a connection to {connected_address}:{connected_port} from \
+             {originator_address}:{originator_port}"
+        );
+        self.forwards.open(channel, to, what, reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<russh::client::Msg>,
+        socket_path: &str,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let to = self.forwards.route_unix(socket_path);
+        let what = format!("a connection to {socket_path}");
+        self.forwards.open(channel, to, what, reply).await;
+        Ok(())
     }
 }
 

@@ -18,6 +18,7 @@
 mod auth;
 mod channel;
 mod exec;
+mod forwarded;
 mod hostkey;
 mod keyfile;
 mod retry;

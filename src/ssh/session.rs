@@ -18,9 +18,11 @@ use russh::client::{Config, Handle, Msg};
 use russh::{cipher, Channel, Preferred};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::forwarded::Forwards;
 use super::hostkey::{Client, Pins};
 use super::retry::{self, Attempt};
 use super::{auth, SshError};
+use crate::link::{Refused, RefusedWhy};
 use crate::settings::Settings;
 use crate::target::Host;
 use crate::tls::Dialer;
@@ -43,6 +45,8 @@ pub struct Session {
     /// Shared with exec channels' pumps, which ping through it (see [`Session::round_trip`]).
     handle: Arc<Handle<Client>>,
     name: String,
+    /// The listeners asked of the server (remote forwards), shared with the handler.
+    forwards: Arc<Forwards>,
 }
 
 impl Session {
@@ -85,14 +89,40 @@ impl Session {
         self.handle
             .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
             .await
-            .map_err(|e| match e {
-                russh::Error::ChannelOpenFailure(why) => SshError::Protocol(format!(
-                    "{} refused a tcp stream to {host}:{port} ({why:?})",
-                    self.name
-                ))
-                .into(),
-                e => SshError::ConnectionLost(format!("cannot open a channel: {e}")).into(),
-            })
+            .map_err(|e| self.open_failure(e, &format!("{host}:{port}")))
+    }
+
+    /// A direct-streamlocal@openssh.com channel to the Unix socket `path` on the server.
+    pub async fn open_direct_streamlocal(&self, path: &str) -> Result<Channel<Msg>> {
+        self.handle
+            .channel_open_direct_streamlocal(path)
+            .await
+            .map_err(|e| self.open_failure(e, path))
+    }
+
+    /// A refused stream is the VM's answer ([`Refused`]); anything else is the connection.
+    fn open_failure(&self, e: russh::Error, to: &str) -> anyhow::Error {
+        use russh::ChannelOpenFailure as F;
+        match e {
+            russh::Error::ChannelOpenFailure(why) => {
+                let (why, text) = match why {
+                    F::AdministrativelyProhibited => (
+                        RefusedWhy::Prohibited,
+                        "forbidden by its sshd: AllowTcpForwarding, AllowStreamLocalForwarding, \
+                         PermitOpen"
+                            .to_string(),
+                    ),
+                    F::ConnectFailed => (RefusedWhy::Unreachable, "it cannot connect".to_string()),
+                    other => (RefusedWhy::Other, format!("{other:?}")),
+                };
+                Refused {
+                    why,
+                    message: format!("{} refused a stream to {to} ({text})", self.name),
+                }
+                .into()
+            }
+            e => SshError::ConnectionLost(format!("cannot open a channel: {e}")).into(),
+        }
     }
 
     /// Resolves once the server has answered a ping sent when it is first polled, so everything
@@ -102,6 +132,14 @@ impl Session {
         Box::pin(async move {
             let _ = handle.send_ping().await;
         })
+    }
+
+    pub(super) fn handle(&self) -> &Handle<Client> {
+        &self.handle
+    }
+
+    pub(super) fn forwards(&self) -> &Forwards {
+        &self.forwards
     }
 
     /// The host's full name (`a.vm.vers.sh`).
@@ -179,7 +217,12 @@ async fn attempt(
         port,
         settings.host_key_check,
     );
-    let handshake = russh::client::connect_stream(config.clone(), stream, Client { pins });
+    let forwards = Forwards::new(&host.name);
+    let client = Client {
+        pins,
+        forwards: forwards.clone(),
+    };
+    let handshake = russh::client::connect_stream(config.clone(), stream, client);
     let mut handle = match tokio::time::timeout(settings.tls.connect_timeout, handshake).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
@@ -222,6 +265,7 @@ async fn attempt(
     Attempt::Done(Session {
         handle: Arc::new(handle),
         name: host.name.clone(),
+        forwards,
     })
 }
 

@@ -537,9 +537,15 @@ impl TestBed {
             .expect("no such vm")
     }
 
-    /// Start a deferred VM's sshd now.
+    /// Start a deferred VM's sshd now (or a stopped one again).
     pub fn start_vm(&mut self, name: &str) {
         self.vm_mut(name).start();
+    }
+
+    /// Take a VM down: its sessions are killed and new connections closed at once (as while
+    /// it boots) until [`TestBed::start_vm`].
+    pub fn stop_vm(&mut self, name: &str) {
+        self.vm_mut(name).stop();
     }
 
     pub fn fault(&self, vm: &str) -> &FaultRelay {
