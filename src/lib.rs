@@ -14,6 +14,7 @@ pub mod exec;
 pub mod fs;
 pub mod gateway;
 pub mod link;
+pub mod mux;
 pub mod progress;
 pub mod proxy;
 pub mod settings;

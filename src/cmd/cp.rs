@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::Runtime;
 use crate::cli::{CpArgs, GlobalArgs};
-use crate::ssh::SshConnector;
+use crate::mux::MuxConnector;
 use crate::transfer::cp::{cp, CpOptions};
 
 pub fn options(args: &CpArgs) -> CpOptions {
@@ -21,7 +21,7 @@ pub fn options(args: &CpArgs) -> CpOptions {
 
 pub fn run(g: &GlobalArgs, args: &CpArgs) -> Result<u8> {
     let settings = super::settings(g, &args.identity.identity)?;
-    let connector = SshConnector::new(settings.clone());
+    let connector = MuxConnector::new(settings.clone());
     let opts = options(args);
     Runtime::MultiThread.block_on(async {
         let mut out = std::io::stdout();

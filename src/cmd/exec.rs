@@ -9,8 +9,8 @@ use crate::cli::{ExecArgs, GlobalArgs};
 use crate::exec::quote::{parse_env, CommandSpec};
 use crate::exec::{ExecOptions, Stdio};
 use crate::link::{Connector, ExecRequest, Start};
+use crate::mux::MuxConnector;
 use crate::settings::Settings;
-use crate::ssh::SshConnector;
 use crate::target::Host;
 
 pub fn run(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
@@ -41,7 +41,7 @@ pub fn run(g: &GlobalArgs, args: &ExecArgs) -> Result<u8> {
 /// Connect to `host` and run `opts` there with this process's stdio (shared with `vtun ssh`).
 pub(super) fn on_vm(settings: &Settings, host: &Host, opts: ExecOptions) -> Result<u8> {
     super::Runtime::Workers(2).block_on(async {
-        let link = SshConnector::new(settings.clone()).connect(host).await?;
+        let link = MuxConnector::new(settings.clone()).connect(host).await?;
         crate::exec::run(link.as_ref(), opts, Stdio::process()).await
     })
 }

@@ -9,6 +9,7 @@ mod completions;
 pub mod cp;
 pub mod exec;
 mod gateway;
+mod master;
 mod proxy;
 pub mod ssh;
 mod ssh_config;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{Cli, Command, GlobalArgs, HostKeyCheck};
+use crate::cli::{Cli, Command, GlobalArgs, HostKeyCheck, MasterCommand};
 use crate::settings::{default_known_hosts, Settings};
 use crate::target::resolve_domain;
 use crate::tls::TlsOptions;
@@ -39,6 +40,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Cp(a) => cp::run(g, &a),
         Command::Sync(a) => sync::run(g, &a),
         Command::Bench(a) => bench::run(g, &a),
+        Command::Master(c) => master::run(g, &c),
     }
 }
 
@@ -64,6 +66,7 @@ pub fn settings(g: &GlobalArgs, identities: &[PathBuf]) -> Result<Settings> {
             HostKeyCheck::No => crate::ssh::HostKeyCheck::No,
         },
         wait: seconds(g.wait, "--wait")?,
+        persist: seconds(g.persist, "--persist")?,
         verbose: g.verbose,
         quiet: g.quiet,
     })
@@ -131,6 +134,7 @@ fn init_logging(cli: &Cli) {
     let base = match (&cli.command, cli.global.quiet) {
         (_, true) => 0,
         (Command::Gateway(_), _) => 2,
+        (Command::Master(MasterCommand::Serve(_)), _) => 2,
         _ => 1,
     } + cli.global.verbose as usize;
     let level = ["error", "warn", "info", "debug", "trace"][base.min(4)];

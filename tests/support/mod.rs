@@ -528,7 +528,10 @@ impl TestBed {
             .env("VTUN_CA_FILE", &self.ca_file)
             .env("VTUN_DOMAIN", DOMAIN)
             .env("VTUN_KNOWN_HOSTS", &self.known_hosts)
-            .env("VTUN_USER", &self.user);
+            .env("VTUN_USER", &self.user)
+            // No connection masters unless a test asks for them (tests/master.rs): nothing is
+            // left running behind a test, and each command's connection is its own.
+            .env("VTUN_PERSIST", "0");
         let _ = std::fs::create_dir_all(self.root.join("tmp"));
     }
 
@@ -996,6 +999,7 @@ pub fn rerun_in_clean_env(env: &[(&str, &std::ffi::OsStr)]) -> bool {
         .env("HOME", dir.path().join("home"))
         .env("TMPDIR", dir.path().join("tmp"))
         .env(CLEAN_CHILD, &name)
+        .env("VTUN_PERSIST", "0")
         .envs(env.iter().copied())
         .stdin(Stdio::null());
     let out = run_with_timeout(&mut cmd, Duration::from_secs(300));

@@ -1,0 +1,490 @@
+//! Connection reuse through the background master, against real sshd behind the gateway: the
+//! second command makes no new connection, exec keeps its semantics, cp and sync are
+//! byte-identical, masters go away when idle or stopped, and a dead, stale, hung or foreign
+//! master never breaks a command.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A bed whose vtun commands use masters (sockets under their own XDG_RUNTIME_DIR), stopping
+/// and killing every master they started when dropped.
+struct Masters {
+    bed: TestBed,
+    runtime: PathBuf,
+}
+
+impl Masters {
+    fn start(bed: TestBed) -> Masters {
+        let runtime = bed.dir("runtime");
+        Masters { bed, runtime }
+    }
+
+    fn vtun_persist(&self, persist: &str) -> Command {
+        let mut cmd = self.bed.vtun();
+        cmd.env("VTUN_PERSIST", persist)
+            .env("XDG_RUNTIME_DIR", &self.runtime);
+        cmd
+    }
+
+    fn vtun(&self) -> Command {
+        self.vtun_persist("30")
+    }
+
+    fn exec_sh(&self, vm: &str, line: &str) -> Out {
+        let mut cmd = self.vtun();
+        cmd.args(["exec", vm, "--sh", "--", line]);
+        run_with_timeout(&mut cmd, LIMIT)
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.runtime.join("vtun")
+    }
+
+    /// `vtun master list --json` as (host, pid, channels, connections).
+    fn list(&self) -> Vec<(String, u32, u64, u64)> {
+        let mut cmd = self.vtun();
+        let out = run_with_timeout(cmd.args(["master", "list", "--json"]), LIMIT);
+        out.assert_ok();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["host"].as_str().unwrap().to_string(),
+                    m["pid"].as_u64().unwrap() as u32,
+                    m["channels"].as_u64().unwrap(),
+                    m["connections"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn connections(&self) -> usize {
+        self.bed
+            .gateway_log()
+            .lines()
+            .filter(|l| l.contains(" connected "))
+            .count()
+    }
+}
+
+impl Drop for Masters {
+    fn drop(&mut self) {
+        let pids: Vec<u32> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.list().into_iter().map(|m| m.1).collect()
+        }))
+        .unwrap_or_default();
+        let _ = self.vtun().args(["master", "stop"]).output();
+        for pid in pids.into_iter().chain(pids_in_logs(&self.socket_dir())) {
+            // SAFETY: kill(2) on a pid we read; at worst it no longer exists.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Pids the masters logged ("pid=N" on their first line), for the final sweep.
+fn pids_in_logs(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            for w in read(&e.path()).split_whitespace() {
+                if let Some(p) = w.strip_prefix("pid=").and_then(|p| p.parse().ok()) {
+                    pids.push(p);
+                }
+            }
+        }
+    }
+    pids
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has finished: it holds nothing.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}
+
+#[test]
+fn the_second_exec_reuses_the_first_ones_connection() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    let out = m.exec_sh("a", "echo first");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "first\n");
+    assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+    let after_first = m.connections();
+    assert_eq!(after_first, 1, "{}", m.bed.gateway_log());
+
+    let masters = m.list();
+    assert_eq!(masters.len(), 1, "{masters:?}");
+    assert_eq!(masters[0].0, m.bed.vm("a").fqdn());
+    assert!(alive(masters[0].1));
+
+    for i in 0..3 {
+        let out = m.exec_sh("a", &format!("echo again {i}"));
+        out.assert_ok();
+        assert_eq!(out.stdout_str(), format!("again {i}\n"));
+        assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+    }
+    assert_eq!(
+        m.connections(),
+        after_first,
+        "no new connection to the edge"
+    );
+    assert_eq!(m.list().len(), 1);
+
+    // Persistence off: a direct connection, no master involved.
+    let mut cmd = m.vtun_persist("0");
+    let out = run_with_timeout(cmd.args(["exec", "a", "true"]), LIMIT);
+    out.assert_ok();
+    assert_eq!(m.connections(), after_first + 1);
+}
+
+#[test]
+fn exec_through_the_master_keeps_status_streams_stdin_and_signals() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let before = m.connections();
+
+    assert_eq!(m.exec_sh("a", "exit 7").code(), 7);
+    let out = m.exec_sh("a", "kill -TERM $$");
+    assert_eq!(out.code(), 128 + 15, "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("signal TERM"), "{}", out.stderr);
+    let out = m.exec_sh("a", "echo out; echo err >&2; echo out2");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "out\nout2\n");
+    assert_eq!(out.stderr, "err\n");
+
+    // stdin is streamed and its end reaches the remote command.
+    let input = m.bed.dir("in").join("data");
+    let data = random_bytes(3 << 20, 7);
+    std::fs::write(&input, &data).unwrap();
+    let mut cmd = m.vtun();
+    cmd.args(["exec", "a", "cat"])
+        .stdin(std::fs::File::open(&input).unwrap());
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    out.assert_ok();
+    assert_eq!(hash(&out.stdout), hash(&data));
+
+    // Ctrl-C closes the remote command and exits 130, as without a master.
+    let marker = format!("vtun-master-ctrl-c-{}", std::process::id());
+    let mut cmd = m.vtun();
+    cmd.args(["exec", "a", "--sh", "--"])
+        .arg(format!("while :; do echo {marker}; sleep 0.1; done"));
+    let mut child = Spawned::start(&mut cmd);
+    child.wait_for_stdout(&marker, LIMIT);
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    assert!(sent.unwrap().success());
+    let out = child.wait(LIMIT);
+    assert_eq!(out.code(), 130, "stderr: {}", out.stderr);
+    wait_until(Duration::from_secs(5), "remote command ended", || {
+        !Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+
+    // A PTY through the master: the remote side sees a terminal.
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(cmd.args(["exec", "-t", "a", "--", "tty"]), LIMIT);
+    out.assert_ok();
+    assert!(
+        out.stdout_str().starts_with("/dev/pts/"),
+        "{}",
+        out.stdout_str()
+    );
+    assert_eq!(m.connections(), before, "all through the master");
+}
+
+#[test]
+fn cp_and_sync_through_the_master_are_identical() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let before = m.connections();
+
+    let src = m.bed.dir("src");
+    std::fs::write(src.join("big"), random_bytes(24 << 20, 1)).unwrap();
+    std::fs::create_dir(src.join("sub")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            src.join("sub").join(format!("f{i}")),
+            random_bytes(1000 + i, i as u64),
+        )
+        .unwrap();
+    }
+    let remote = m.bed.vm("a").home().join("up");
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(
+        cmd.args(["cp", "-r"])
+            .arg(&src)
+            .arg(format!("a:{}", remote.display())),
+        LIMIT,
+    );
+    out.assert_ok();
+    assert_eq!(hash_file(&remote.join("big")), hash_file(&src.join("big")));
+    assert_eq!(
+        hash_file(&remote.join("sub/f19")),
+        hash_file(&src.join("sub/f19"))
+    );
+
+    let down = m.bed.dir("down");
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(
+        cmd.arg("cp")
+            .arg(format!("a:{}", remote.join("big").display()))
+            .arg(&down),
+        LIMIT,
+    );
+    out.assert_ok();
+    assert_eq!(hash_file(&down.join("big")), hash_file(&src.join("big")));
+
+    // sync, with the agent (exec channels through the master) and a delta on the second run.
+    let synced = m.bed.vm("a").home().join("synced");
+    let sync = |m: &Masters| {
+        let mut cmd = m.vtun();
+        let out = run_with_timeout(
+            cmd.arg("sync")
+                .arg(format!("{}/", src.display()))
+                .arg(format!("a:{}/", synced.display())),
+            Duration::from_secs(120),
+        );
+        out.assert_ok();
+        assert!(!out.stderr.contains("no sync agent"), "{}", out.stderr);
+    };
+    sync(&m);
+    let mut big = std::fs::read(src.join("big")).unwrap();
+    big[5 << 20] ^= 0xff;
+    std::fs::write(src.join("big"), &big).unwrap();
+    sync(&m);
+    assert_eq!(hash_file(&synced.join("big")), hash_file(&src.join("big")));
+    assert_eq!(
+        hash_file(&synced.join("sub/f3")),
+        hash_file(&src.join("sub/f3"))
+    );
+    assert_eq!(m.connections(), before, "all through the master");
+}
+
+#[test]
+fn an_idle_master_exits_after_persist_and_stop_ends_masters() {
+    let m = Masters::start(TestBed::builder().vm("a").vm("b").start());
+    let mut cmd = m.vtun_persist("2");
+    run_with_timeout(cmd.args(["exec", "a", "true"]), LIMIT).assert_ok();
+    let pid = m.list()[0].1;
+    let start = Instant::now();
+    wait_until(Duration::from_secs(10), "the idle master exits", || {
+        !alive(pid)
+    });
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(m.list().is_empty());
+    let leftover: Vec<_> = std::fs::read_dir(m.socket_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sock"))
+        .collect();
+    assert!(leftover.is_empty(), "socket removed: {leftover:?}");
+
+    // stop VM ends that one; stop ends all.
+    m.exec_sh("a", "true").assert_ok();
+    m.exec_sh("b", "true").assert_ok();
+    let both = m.list();
+    assert_eq!(both.len(), 2, "{both:?}");
+    let mut cmd = m.vtun();
+    run_with_timeout(cmd.args(["master", "stop", "a"]), LIMIT).assert_ok();
+    let left = m.list();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, m.bed.vm("b").fqdn());
+    let mut cmd = m.vtun();
+    run_with_timeout(cmd.args(["master", "stop"]), LIMIT).assert_ok();
+    assert!(m.list().is_empty());
+    for (_, pid, _, _) in both {
+        wait_until(Duration::from_secs(5), "stopped master exits", || {
+            !alive(pid)
+        });
+    }
+}
+
+#[test]
+fn a_killed_or_hung_master_never_breaks_a_command() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let pid = m.list()[0].1;
+
+    // Killed: its socket stays behind, stale. The next command connects, cleanly.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_until(LIMIT, "master gone", || !alive(pid));
+    let out = m.exec_sh("a", "echo ok");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "ok\n");
+    assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+    let again = m.list();
+    let logs: Vec<String> = std::fs::read_dir(m.socket_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| format!("{}: {}", e.path().display(), read(&e.path())))
+        .collect();
+    assert_eq!(
+        again.len(),
+        1,
+        "a new master took over: {again:?} {logs:#?}"
+    );
+    assert_ne!(again[0].1, pid);
+
+    // Hung: accepts nothing. The command gives up on it within the probe time and connects.
+    let hung = again[0].1;
+    unsafe { libc::kill(hung as i32, libc::SIGSTOP) };
+    let start = Instant::now();
+    let out = m.exec_sh("a", "echo direct");
+    let took = start.elapsed();
+    unsafe { libc::kill(hung as i32, libc::SIGCONT) };
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "direct\n");
+    assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+    assert!(took < Duration::from_secs(8), "{took:?}");
+}
+
+#[test]
+fn a_client_of_another_uid_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a client as nobody");
+        return;
+    }
+    // A runtime dir nobody can reach (the bed's root is private to us).
+    let base = tempfile::Builder::new()
+        .prefix("vtun-uid-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut m = Masters::start(TestBed::builder().vm("a").start());
+    m.runtime = base.path().to_path_buf();
+    m.exec_sh("a", "true").assert_ok();
+    let dir = m.socket_dir();
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let sock = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Open the permissions as a careless user might: the uid check still refuses.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = r#"
+import socket, sys, json
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+body = json.dumps("hello").encode()
+s.settimeout(5)
+try:
+    s.sendall(bytes([1]) + len(body).to_bytes(4, "big") + body)
+    print("got", len(s.recv(100)))
+except (BrokenPipeError, ConnectionResetError):
+    print("got 0")
+"#;
+    let out = run_with_timeout(
+        Command::new("runuser")
+            .args(["-u", "nobody", "--", "/usr/bin/python3", "-c", script])
+            .arg(&sock),
+        LIMIT,
+    );
+    assert_eq!(out.stdout_str().trim(), "got 0", "stderr: {}", out.stderr);
+    let log = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .unwrap();
+    assert!(
+        read(&log).contains("refused a client with uid"),
+        "{}",
+        read(&log)
+    );
+    // Our own commands still work, and put the directory back to 0700.
+    m.exec_sh("a", "true").assert_ok();
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn fifty_concurrent_commands_share_one_master() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let before = m.connections();
+    let children: Vec<_> = (0..50)
+        .map(|i| {
+            let mut cmd = m.vtun();
+            cmd.args(["exec", "a", "--sh", "--"])
+                .arg(format!("sleep 0.5; echo n{i}; exit {}", i % 3));
+            (i, Spawned::start(&mut cmd))
+        })
+        .collect();
+    for (i, c) in children {
+        let out = c.wait(Duration::from_secs(60));
+        assert_eq!(out.code(), i % 3, "command {i}: {}", out.stderr);
+        assert_eq!(out.stdout_str(), format!("n{i}\n"));
+        assert!(out.stderr.is_empty(), "command {i}: {}", out.stderr);
+    }
+    assert_eq!(
+        m.connections(),
+        before,
+        "one master connection carried them all"
+    );
+    assert_eq!(m.list().len(), 1);
+}
+
+#[test]
+fn a_master_whose_connection_drops_fails_the_command_with_255_then_recovers() {
+    let m = Masters::start(TestBed::builder().vm("a").fault("a").start());
+    let mut cmd = m.vtun();
+    cmd.args(["exec", "a-fault", "--sh", "--", "echo started; sleep 30"]);
+    let mut child = Spawned::start(&mut cmd);
+    child.wait_for_stdout("started\n", LIMIT);
+    let pid = m.list()[0].1;
+    m.bed.fault("a").cut_now();
+    let start = Instant::now();
+    let out = child.wait(LIMIT);
+    assert_eq!(out.code(), 255, "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("connection"), "{}", out.stderr);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the master exits with its connection",
+        || !alive(pid),
+    );
+
+    let out = m.exec_sh("a-fault", "echo back");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "back\n");
+    assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+}
