@@ -488,3 +488,57 @@ fn a_master_whose_connection_drops_fails_the_command_with_255_then_recovers() {
     assert_eq!(out.stdout_str(), "back\n");
     assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
 }
+
+#[test]
+fn when_sshd_refuses_more_channels_the_master_opens_another_connection() {
+    let m = Masters::start(TestBed::builder().vm("a").max_sessions(2).start());
+    m.exec_sh("a", "true").assert_ok();
+    let children: Vec<_> = (0..5)
+        .map(|i| {
+            let mut cmd = m.vtun();
+            cmd.args(["exec", "a", "--sh", "--"])
+                .arg(format!("sleep 1; echo n{i}"));
+            (i, Spawned::start(&mut cmd))
+        })
+        .collect();
+    for (i, c) in children {
+        let out = c.wait(LIMIT);
+        out.assert_ok();
+        assert_eq!(out.stdout_str(), format!("n{i}\n"));
+    }
+    let masters = m.list();
+    assert_eq!(masters.len(), 1, "{masters:?}");
+    assert!(
+        masters[0].3 >= 3,
+        "5 channels at 2 per connection: {masters:?}"
+    );
+
+    // cp's 8 parallel channels get all of them too, and the bytes arrive intact.
+    let src = m.bed.dir("src").join("big");
+    std::fs::write(&src, random_bytes(16 << 20, 3)).unwrap();
+    let remote = m.bed.vm("a").home().join("big");
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(
+        cmd.arg("cp")
+            .arg(&src)
+            .arg(format!("a:{}", remote.display())),
+        LIMIT,
+    );
+    out.assert_ok();
+    assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+    assert_eq!(hash_file(&remote), hash_file(&src));
+}
+
+#[test]
+fn an_auth_failure_through_a_master_is_one_clear_error() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    let key = m.bed.dir("keys").join("stranger");
+    keygen(&key, "ed25519");
+    let mut cmd = m.vtun();
+    cmd.env("VTUN_IDENTITY", &key).args(["exec", "a", "true"]);
+    let out = run_with_timeout(&mut cmd, LIMIT);
+    assert_eq!(out.code(), 255, "{}", out.stderr);
+    assert!(out.stderr.contains("permission denied"), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    wait_until(LIMIT, "the failed master exits", || m.list().is_empty());
+}

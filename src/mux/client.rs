@@ -108,17 +108,22 @@ pub async fn connect(path: &std::path::Path) -> Result<UnixStream> {
 }
 
 /// Ask a master on `stream` who it is (`Hello` also restarts its idle time), within `limit`.
-pub async fn ask(mut stream: UnixStream, req: Request, limit: Duration) -> Result<Info> {
+pub async fn ask(stream: UnixStream, req: Request, limit: Duration) -> Result<Info> {
+    match ask_reply(stream, req, limit).await? {
+        Reply::Info(i) => Ok(i),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// Send `req` on `stream` and read the reply, within `limit`.
+pub async fn ask_reply(mut stream: UnixStream, req: Request, limit: Duration) -> Result<Reply> {
     let asking = async {
         write_frame(&mut stream, &Frame::doc(Kind::Request, &req)?).await?;
         let reply = read_frame(&mut stream)
             .await?
             .filter(|f| f.kind == Kind::Reply)
             .context("the master closed the connection")?;
-        match reply.parse::<Reply>()? {
-            Reply::Info(i) => Ok(i),
-            other => bail!("unexpected answer {other:?}"),
-        }
+        reply.parse::<Reply>()
     };
     tokio::time::timeout(limit, asking)
         .await
@@ -126,7 +131,7 @@ pub async fn ask(mut stream: UnixStream, req: Request, limit: Duration) -> Resul
 }
 
 /// A failure the master reported, as the error a direct connection would have given.
-fn error_of(f: Fail) -> anyhow::Error {
+pub fn error_of(f: Fail) -> anyhow::Error {
     match f.connection {
         true => Failure::connection(f.message),
         false => anyhow::anyhow!(f.message),

@@ -208,6 +208,7 @@ impl State {
             Ok(Some(r)) => r.clone(),
             _ => Err(Fail {
                 connection: true,
+                auth: false,
                 message: "the master's connection attempt vanished".into(),
             }),
         }
@@ -260,6 +261,9 @@ fn refused(e: &anyhow::Error) -> bool {
 pub fn fail_of(e: &anyhow::Error) -> Fail {
     Fail {
         connection: crate::error::code_for(e) == crate::error::EXIT_CONNECT,
+        auth: e
+            .chain()
+            .any(|c| matches!(c.downcast_ref::<SshError>(), Some(SshError::Auth(_)))),
         message: format!("{e:#}"),
     }
 }
@@ -305,6 +309,14 @@ async fn handle(state: &State, stream: UnixStream) -> Result<()> {
             // A client about to open channels: give it the full idle time.
             *state.idle_since() = Instant::now();
             write_frame(&mut wr, &reply(Reply::Info(state.info()))?).await?;
+            return Ok(());
+        }
+        Request::Ready => {
+            let r = match state.connected().await {
+                Ok(()) => Reply::Info(state.info()),
+                Err(f) => Reply::Failed(f),
+            };
+            write_frame(&mut wr, &reply(r)?).await?;
             return Ok(());
         }
         Request::Info => {
@@ -402,7 +414,7 @@ async fn open(state: &State, req: Request) -> Result<Opened> {
                     .await?,
             )
         }
-        Request::Hello | Request::Info | Request::Stop => {
+        Request::Hello | Request::Info | Request::Ready | Request::Stop => {
             anyhow::bail!("not a channel request")
         }
     })
@@ -486,6 +498,7 @@ async fn serve_stream(io: Box<dyn RemoteIo>, mut rd: OwnedReadHalf, tx: mpsc::Se
         if let Err(e) = forward(r, Kind::Stdout, Kind::StdoutEof, &tx).await {
             let fail = Fail {
                 connection: true,
+                auth: false,
                 message: e.to_string(),
             };
             if let Ok(f) = Frame::doc(Kind::Status, &EndStatus::Failed(fail)) {

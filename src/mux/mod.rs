@@ -32,7 +32,7 @@ use crate::settings::Settings;
 use crate::ssh::SshConnector;
 use crate::target::Host;
 use client::MasterLink;
-use proto::{Info, Request};
+use proto::{Info, Reply, Request};
 
 /// How long a master has to accept and answer a hello before it counts as hung.
 pub const PROBE: Duration = Duration::from_secs(2);
@@ -74,7 +74,7 @@ impl MuxConnector {
         {
             return Ok(l.clone());
         }
-        let link: Arc<dyn Link> = match self.through_master(host).await {
+        let link: Arc<dyn Link> = match self.through_master(host).await? {
             Some(m) => Arc::new(m),
             None => self.direct.connect(host).await?,
         };
@@ -86,16 +86,17 @@ impl MuxConnector {
     }
 
     /// The master's link for `host`, starting the master if there is none; `None` when the
-    /// command should connect directly.
-    async fn through_master(&self, host: &Host) -> Option<MasterLink> {
+    /// command should connect directly; an error when the master could not connect (the
+    /// error a direct connection would have given, without paying for it twice).
+    async fn through_master(&self, host: &Host) -> Result<Option<MasterLink>> {
         if self.settings.persist.is_zero() || !can_start_masters() {
-            return None;
+            return Ok(None);
         }
         let dir = match socket::dir() {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!("no connection master: {e:#}");
-                return None;
+                return Ok(None);
             }
         };
         let path = socket::path(&dir, &self.settings, host);
@@ -106,26 +107,50 @@ impl MuxConnector {
                 + self.settings.wait
                 + Duration::from_secs(10),
         };
-        match probe(&path).await {
-            Probe::Up(_) => return Some(link),
-            Probe::Absent => {}
+        let must_start = match probe(&path).await {
+            Probe::Up(info) if info.connections > 0 => return Ok(Some(link)),
+            Probe::Up(_) => false,
+            Probe::Absent => true,
             Probe::Stale => {
                 tracing::debug!("removing the stale master socket {}", path.display());
                 let _ = std::fs::remove_file(&path);
+                true
             }
             Probe::Unusable(why) => {
                 tracing::debug!(
                     "master at {} unusable ({why}); connecting directly",
                     path.display()
                 );
-                return None;
+                return Ok(None);
+            }
+        };
+        if must_start {
+            if let Err(e) = start(&self.settings, host, &path).await {
+                tracing::debug!("no connection master ({e:#}); connecting directly");
+                return Ok(None);
             }
         }
-        if let Err(e) = start(&self.settings, host, &path).await {
-            tracing::debug!("no connection master ({e:#}); connecting directly");
-            return None;
+        // The master is connecting (we just started it, or another command did).
+        let ready = match client::connect(&path).await {
+            Ok(s) => client::ask_reply(s, Request::Ready, link.open_timeout).await,
+            Err(e) => Err(e),
+        };
+        match ready {
+            Ok(Reply::Info(_)) => Ok(Some(link)),
+            Ok(Reply::Failed(f)) if f.auth => {
+                // A master has no terminal: an encrypted key's passphrase is asked for here.
+                tracing::debug!(
+                    "the master could not authenticate ({}); connecting directly",
+                    f.message
+                );
+                Ok(None)
+            }
+            Ok(Reply::Failed(f)) => Err(client::error_of(f)),
+            Ok(Reply::Opened) | Err(_) => {
+                tracing::debug!("the master did not get ready; connecting directly");
+                Ok(None)
+            }
         }
-        Some(link)
     }
 }
 
@@ -157,11 +182,11 @@ pub enum Probe {
 
 /// Look at `path` within [`PROBE`].
 pub async fn probe(path: &Path) -> Probe {
-    probe_with(path, Request::Hello).await
+    probe_with(path, Request::Hello, PROBE).await
 }
 
-async fn probe_with(path: &Path, req: Request) -> Probe {
-    let stream = match tokio::time::timeout(PROBE, UnixStream::connect(path)).await {
+async fn probe_with(path: &Path, req: Request, limit: Duration) -> Probe {
+    let stream = match tokio::time::timeout(limit, UnixStream::connect(path)).await {
         Err(_) => return Probe::Unusable("connect timed out".into()),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Absent,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Stale,
@@ -173,7 +198,7 @@ async fn probe_with(path: &Path, req: Request) -> Probe {
         Ok(uid) => return Probe::Unusable(format!("served by uid {uid}")),
         Err(e) => return Probe::Unusable(format!("{e:#}")),
     }
-    match client::ask(stream, req, PROBE).await {
+    match client::ask(stream, req, limit).await {
         Ok(info) => Probe::Up(info),
         Err(e) => Probe::Unusable(format!("{e:#}")),
     }
@@ -306,7 +331,8 @@ pub async fn list() -> Vec<(PathBuf, Info)> {
     paths.sort();
     let mut found = Vec::new();
     for p in paths {
-        match probe_with(&p, Request::Info).await {
+        // Not on a command's path: a busy master gets more time to answer.
+        match probe_with(&p, Request::Info, START).await {
             Probe::Up(info) => found.push((p, info)),
             Probe::Stale => {
                 let _ = std::fs::remove_file(&p);

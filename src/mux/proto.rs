@@ -169,6 +169,9 @@ pub enum Request {
     Hello,
     /// Like `Hello`, without counting as use (what `vtun master list` asks).
     Info,
+    /// Answered with [`Reply::Info`] once the master's SSH connection is up, or with the
+    /// reason it could not connect.
+    Ready,
     /// An SFTP subsystem stream.
     Sftp,
     /// A command as a byte stream; its stderr comes back as stderr frames.
@@ -242,6 +245,10 @@ pub enum EndStatus {
 pub struct Fail {
     /// True when it is the connection that failed (exit 255), not the request.
     pub connection: bool,
+    /// True when authentication failed: a master has no terminal to ask for a passphrase,
+    /// so the client tries once itself.
+    #[serde(default)]
+    pub auth: bool,
     pub message: String,
 }
 

@@ -226,9 +226,16 @@ pub struct Builder {
     idle_timeout: Option<f64>,
     faults: Vec<String>,
     extra_routes: Vec<String>,
+    max_sessions: Option<u32>,
 }
 
 impl Builder {
+    /// sshd's MaxSessions (channels per connection) for every VM [default: 64].
+    pub fn max_sessions(mut self, n: u32) -> Self {
+        self.max_sessions = Some(n);
+        self
+    }
+
     /// Add a VM named `name` (reached as `name.vm.test`).
     pub fn vm(mut self, name: &str) -> Self {
         self.vms.push((name.to_string(), true));
@@ -287,7 +294,11 @@ impl Builder {
             std::fs::create_dir_all(dir.join("home")).expect("vm home");
             std::fs::write(dir.join("authorized_keys"), &authorized).expect("authorized_keys");
             let (reserved, port) = reserve_port();
-            std::fs::write(dir.join("sshd_config"), sshd_config(&dir, &user)).expect("sshd_config");
+            std::fs::write(
+                dir.join("sshd_config"),
+                sshd_config(&dir, &user, self.max_sessions.unwrap_or(64)),
+            )
+            .expect("sshd_config");
             let mut vm = Vm {
                 name: name.clone(),
                 port,
@@ -428,7 +439,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn sshd_config(dir: &Path, user: &str) -> String {
+fn sshd_config(dir: &Path, user: &str, max_sessions: u32) -> String {
     format!(
         "HostKey {dir}/host_key\n\
          PidFile none\n\
@@ -441,7 +452,7 @@ fn sshd_config(dir: &Path, user: &str) -> String {
          KbdInteractiveAuthentication no\n\
          Subsystem sftp internal-sftp\n\
          LogLevel ERROR\n\
-         MaxSessions 64\n\
+         MaxSessions {max_sessions}\n\
          AcceptEnv VTUN_TEST_*\n\
          SetEnv HOME={dir}/home\n\
          PrintMotd no\n\
