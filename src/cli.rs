@@ -204,7 +204,18 @@ pub enum Command {
     /// Print shell completions for SHELL to stdout.
     Completions(CompletionsArgs),
     /// The background masters that hold connections for reuse: list or stop them.
-    #[command(subcommand)]
+    ///
+    /// The first connecting command to a VM starts one; it keeps the SSH connection for
+    /// --persist seconds (default 60) after the last channel closes. Sockets and logs live in
+    /// $XDG_RUNTIME_DIR/vtun (else ~/.cache/vtun), private to this user.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            vtun master list                 VM, pid, idle seconds, open channels\n  \
+            vtun master list --json          for scripts: [{\"host\": …, \"pid\": …}, …]\n  \
+            vtun master stop vm1             end vm1's master\n  \
+            vtun master stop                 end them all"
+    )]
     Master(MasterCommand),
     /// Remote helper for `vtun sync` (speaks a framed protocol on stdin/stdout).
     #[command(hide = true)]

@@ -185,13 +185,20 @@ pub async fn probe(path: &Path) -> Probe {
     probe_with(path, Request::Hello, PROBE).await
 }
 
+/// Connect and ask, all within `limit`.
 async fn probe_with(path: &Path, req: Request, limit: Duration) -> Probe {
-    let stream = match tokio::time::timeout(limit, UnixStream::connect(path)).await {
-        Err(_) => return Probe::Unusable("connect timed out".into()),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Absent,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Stale,
-        Ok(Err(e)) => return Probe::Unusable(e.to_string()),
-        Ok(Ok(s)) => s,
+    match tokio::time::timeout(limit, probe_unbounded(path, req, limit)).await {
+        Ok(p) => p,
+        Err(_) => Probe::Unusable(format!("no answer within {limit:?}")),
+    }
+}
+
+async fn probe_unbounded(path: &Path, req: Request, limit: Duration) -> Probe {
+    let stream = match UnixStream::connect(path).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Absent,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Stale,
+        Err(e) => return Probe::Unusable(e.to_string()),
+        Ok(s) => s,
     };
     match socket::peer_uid(&stream) {
         Ok(uid) if uid == socket::euid() => {}
