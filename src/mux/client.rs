@@ -24,8 +24,8 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::proto::{
-    read_frame, write_frame, ControlFrame, EndStatus, ExecSpec, Fail, Frame, Info, Kind, PtySpec,
-    Reply, Request, MAX_DATA,
+    read_frame, write_frame, write_queued, ControlFrame, EndStatus, ExecSpec, Fail, Frame, Info,
+    Kind, PtySpec, Reply, Request, IO_BUFFER, MAX_DATA,
 };
 use super::socket;
 use crate::error::Failure;
@@ -272,10 +272,11 @@ impl Parts {
 
 /// Frames to the master until every part is dropped; then `Close`.
 async fn writer(
-    mut wr: OwnedWriteHalf,
+    wr: OwnedWriteHalf,
     mut frames: mpsc::Receiver<Frame>,
     mut gone: oneshot::Receiver<()>,
 ) {
+    let mut wr = tokio::io::BufWriter::with_capacity(IO_BUFFER, wr);
     let mut open = true;
     loop {
         tokio::select! {
@@ -283,7 +284,7 @@ async fn writer(
             biased;
             f = frames.recv(), if open => match f {
                 Some(f) => {
-                    if write_frame(&mut wr, &f).await.is_err() {
+                    if write_queued(&mut wr, f, &mut frames).await.is_err() {
                         return;
                     }
                 }
@@ -293,6 +294,7 @@ async fn writer(
         }
     }
     let _ = write_frame(&mut wr, &Frame::empty(Kind::Close)).await;
+    let _ = tokio::io::AsyncWriteExt::flush(&mut wr).await;
 }
 
 /// One output stream's sending end: `end` says how it ended when it did not end cleanly.
@@ -322,13 +324,14 @@ impl Output {
 
 /// Frames from the master into the output streams and the status.
 async fn reader(
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     mut out: Output,
     mut err: Output,
     status: oneshot::Sender<Result<ExitStatus>>,
     finished: watch::Sender<bool>,
     host: String,
 ) {
+    let mut rd = tokio::io::BufReader::with_capacity(IO_BUFFER, rd);
     let mut status = Some(status);
     loop {
         let frame = match read_frame(&mut rd).await {

@@ -161,6 +161,24 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std
     w.write_all_buf(&mut buf).await
 }
 
+/// Buffer size for each direction of a master connection: headers and small frames are read
+/// and written in batches, large data frames pass straight through.
+pub const IO_BUFFER: usize = 256 * 1024;
+
+/// Write `first` and whatever else is already queued, then flush: one system call for a burst
+/// of small frames.
+pub async fn write_queued<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    first: Frame,
+    queue: &mut tokio::sync::mpsc::Receiver<Frame>,
+) -> std::io::Result<()> {
+    write_frame(w, &first).await?;
+    while let Ok(f) = queue.try_recv() {
+        write_frame(w, &f).await?;
+    }
+    w.flush().await
+}
+
 /// What a client asks for on a new connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
