@@ -117,6 +117,8 @@ pub async fn serve(settings: Settings, host: Host, path: &Path) -> Result<Served
 
     let me = socket::euid();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Whether memory was handed back since the last channel closed.
+    let mut trimmed = true;
     let why = loop {
         tokio::select! {
             conn = listener.accept() => match conn {
@@ -141,6 +143,15 @@ pub async fn serve(settings: Settings, host: Host, path: &Path) -> Result<Served
             _ = tick.tick() => {
                 if let Some(why) = state.reason_to_exit() {
                     break why;
+                }
+                let busy = state.channels.load(Ordering::SeqCst) > 0;
+                if busy {
+                    trimmed = false;
+                } else if !trimmed {
+                    // An idle master should be small: return the buffers a large copy left
+                    // in the allocator (tens of MiB after cp) to the system.
+                    trim_heap();
+                    trimmed = true;
                 }
             }
         }
@@ -249,6 +260,14 @@ impl State {
         let s = Arc::new(Session::connect(&self.settings, &self.host).await?);
         self.pool().push(s.clone());
         open(s).await
+    }
+}
+
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointers of ours are involved.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
