@@ -542,3 +542,109 @@ fn an_auth_failure_through_a_master_is_one_clear_error() {
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     wait_until(LIMIT, "the failed master exits", || m.list().is_empty());
 }
+
+/// A tmux session playing the user at a terminal.
+struct Tmux {
+    sock: PathBuf,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.sock)
+            .args(["-f", "/dev/null"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn shows_within(&self, text: &str, limit: Duration) -> Result<String, String> {
+        let start = Instant::now();
+        loop {
+            let screen = self.run(&["capture-pane", "-p", "-t", "t"]);
+            if screen.contains(text) {
+                return Ok(screen);
+            }
+            if start.elapsed() > limit {
+                return Err(screen);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&self, text: &str) -> String {
+        self.shows_within(text, Duration::from_secs(15))
+            .unwrap_or_else(|screen| panic!("pane never showed {text:?}:\n{screen}"))
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+#[test]
+fn ssh_and_bench_go_through_the_master_and_a_shell_follows_resizes() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let before = m.connections();
+
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(cmd.args(["ssh", "a", "echo", "via", "ssh"]), LIMIT);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "via ssh\n");
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(cmd.args(["bench", "--size", "4M", "--json", "a"]), LIMIT);
+    out.assert_ok();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.is_object(), "{}", out.stdout_str());
+
+    // An interactive shell: PTY, typing, a resize that reaches the remote terminal, exit.
+    let dir = m.bed.dir("tmux");
+    let script = dir.join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "{} ssh a\necho VTUN-EXITED-$?\nsleep 60\n",
+            vtun_bin().display()
+        ),
+    )
+    .unwrap();
+    let tmux = Tmux {
+        sock: dir.join("sock"),
+    };
+    let mut start = m.bed.command("tmux");
+    start
+        .arg("-S")
+        .arg(&tmux.sock)
+        .args(["-f", "/dev/null", "new-session", "-d", "-s", "t"])
+        .args(["-x", "100", "-y", "30"])
+        .arg(format!("sh {}", script.display()))
+        .env("TERM", "xterm-256color")
+        .env("VTUN_IDENTITY", &m.bed.user_key)
+        .env("VTUN_PERSIST", "30")
+        .env("XDG_RUNTIME_DIR", &m.runtime);
+    assert!(start.status().unwrap().success());
+    tmux.run(&["send-keys", "-t", "t", "echo RESULT-$((6*7))", "Enter"]);
+    tmux.wait_for("RESULT-42");
+    tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+    tmux.wait_for("30 100");
+    tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    let start = Instant::now();
+    loop {
+        tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+        match tmux.shows_within("40 120", Duration::from_secs(1)) {
+            Ok(_) => break,
+            Err(screen) => assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the remote never saw the resize:\n{screen}"
+            ),
+        }
+    }
+    tmux.run(&["send-keys", "-t", "t", "exit 3", "Enter"]);
+    tmux.wait_for("VTUN-EXITED-3");
+    assert_eq!(m.connections(), before, "all through the master");
+}
