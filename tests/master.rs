@@ -648,3 +648,61 @@ fn ssh_and_bench_go_through_the_master_and_a_shell_follows_resizes() {
     tmux.wait_for("VTUN-EXITED-3");
     assert_eq!(m.connections(), before, "all through the master");
 }
+
+/// The rest of the seam through a master, in-process: a TCP stream (direct-tcpip, for port
+/// forwarding) and SFTP, on the master a vtun command started.
+#[test]
+fn tcp_streams_and_sftp_open_through_a_master_link() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vtun::link::Link;
+
+    // In-process: nothing of the developer's environment may leak into the library.
+    if rerun_in_clean_env(&[]) {
+        return;
+    }
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let path = std::fs::read_dir(m.socket_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .unwrap();
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = echo.accept() {
+            let mut r = s.try_clone().unwrap();
+            let _ = std::io::copy(&mut r, &mut s);
+        }
+    });
+    let before = m.connections();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let link = vtun::mux::client::MasterLink {
+            path,
+            name: m.bed.vm("a").fqdn(),
+            open_timeout: Duration::from_secs(30),
+        };
+        let mut tcp = link.direct_tcpip("127.0.0.1", port).await.unwrap();
+        tcp.write_all(b"ping through the master").await.unwrap();
+        let mut got = [0u8; 23];
+        tcp.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping through the master");
+
+        // The SFTP subsystem answers SSH_FXP_INIT with SSH_FXP_VERSION.
+        let mut sftp = link.sftp().await.unwrap();
+        sftp.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).await.unwrap();
+        let mut head = [0u8; 5];
+        sftp.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[4], 2, "SSH_FXP_VERSION");
+
+        // A refused stream is an error, not a hang.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap().port();
+        drop(closed);
+        let r = tokio::time::timeout(LIMIT, link.direct_tcpip("127.0.0.1", dead)).await;
+        assert!(r.unwrap().is_err());
+    });
+    assert_eq!(m.connections(), before);
+}
