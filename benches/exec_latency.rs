@@ -125,7 +125,7 @@ fn main() {
     println!("vtun: {}", support::vtun_bin().display());
     println!();
     let (mut fresh, mut ssh, mut reused, mut cm) = (vec![], vec![], vec![], vec![]);
-    let (mut reused_loop, mut cm_loop) = (vec![], vec![]);
+    let (mut reused_loop, mut cm_loop, mut starting) = (vec![], vec![], vec![]);
     for delay in [0u64, 10] {
         let bed = TestBed::builder().vm("a").delay_ms(delay).start();
         let run = bed.dir("run");
@@ -136,6 +136,19 @@ fn main() {
         time(vtun_reused_cmd(&bed, &run));
         time(ssh_cm_cmd(&bed, &cm_socket, &[]));
         let (mut f, mut s, mut r, mut c) = (vec![], vec![], vec![], vec![]);
+        // The first command with masters on (the default): it starts one, then uses it.
+        let mut first = vec![];
+        let stop = |bed: &TestBed| {
+            let mut stop = bed.vtun();
+            let _ = stop
+                .env("XDG_RUNTIME_DIR", &run)
+                .args(["master", "stop"])
+                .output();
+        };
+        for _ in 0..runs {
+            stop(&bed);
+            first.push(time(vtun_reused_cmd(&bed, &run)));
+        }
         for _ in 0..runs {
             f.push(time(vtun_cmd(&bed)));
             s.push(time(ssh_cmd(&bed)));
@@ -152,22 +165,20 @@ fn main() {
         let rl = timed_loop(&|| vtun_reused_cmd(&bed, &run));
         let cl = timed_loop(&|| ssh_cm_cmd(&bed, &cm_socket, &[]));
         fresh.push(median(f));
+        starting.push(median(first));
         ssh.push(median(s));
         reused.push(median(r));
         cm.push(median(c));
         reused_loop.push(rl);
         cm_loop.push(cl);
         // Stop both masters.
-        let mut stop = bed.vtun();
-        let _ = stop
-            .env("XDG_RUNTIME_DIR", &run)
-            .args(["master", "stop"])
-            .output();
+        stop(&bed);
         let _ = ssh_cm_cmd(&bed, &cm_socket, &["-O", "exit"]).output();
     }
     println!("| median (ms) | 0 ms RTT | 20 ms RTT |");
     println!("|---|---:|---:|");
-    row("vtun exec, fresh connection", &fresh);
+    row("vtun exec, fresh connection (--persist 0)", &fresh);
+    row("vtun exec, first command (starts a master)", &starting);
     row("ssh + openssl ProxyCommand, fresh", &ssh);
     row("vtun exec, reused (master)", &reused);
     row("ssh, ControlMaster reused", &cm);

@@ -16,15 +16,22 @@ use sha2::{Digest, Sha256};
 use crate::settings::Settings;
 use crate::target::Host;
 
+/// Where the per-user directory is (`$XDG_RUNTIME_DIR/vtun`, else `~/.cache/vtun`).
+fn location() -> Result<PathBuf> {
+    Ok(
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d).join("vtun"),
+            None => dirs::home_dir()
+                .context("no home directory for the master sockets")?
+                .join(".cache")
+                .join("vtun"),
+        },
+    )
+}
+
 /// The per-user directory for sockets, created 0700 if missing.
 pub fn dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d).join("vtun"),
-        None => dirs::home_dir()
-            .context("no home directory for the master sockets")?
-            .join(".cache")
-            .join("vtun"),
-    };
+    let dir = location()?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -45,10 +52,10 @@ pub fn dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The directory's existing path without creating it (for `vtun master list`).
+/// The directory when it exists, checked as [`dir`] does, without creating it (for `vtun master
+/// list`).
 pub fn existing_dir() -> Option<PathBuf> {
-    let d = dir().ok()?;
-    d.is_dir().then_some(d)
+    location().ok()?.is_dir().then(dir)?.ok()
 }
 
 /// The socket for connections to `host` with `settings`.
