@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::BytesMut;
 use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::proto::{
-    read_frame, write_frame, ControlFrame, EndStatus, Fail, Frame, Info, Kind, Reply, Request,
-    MAX_DATA,
+    read_frame, write_frame, write_queued, ControlFrame, EndStatus, Fail, Frame, Info, Kind, Reply,
+    Request, IO_BUFFER, MAX_DATA,
 };
 use super::socket;
 use crate::link::{Control, ExecChannel, ExecRequest, ExitStatus, Link, Pty, RemoteIo, Start};
@@ -313,7 +313,8 @@ enum Opened {
 }
 
 async fn handle(state: &State, stream: UnixStream) -> Result<()> {
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(IO_BUFFER, rd);
     let first = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut rd))
         .await
         .context("no request in time")??;
@@ -367,8 +368,9 @@ async fn handle(state: &State, stream: UnixStream) -> Result<()> {
 
     let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
+        let mut wr = tokio::io::BufWriter::with_capacity(IO_BUFFER, wr);
         while let Some(f) = rx.recv().await {
-            if write_frame(&mut wr, &f).await.is_err() {
+            if write_queued(&mut wr, f, &mut rx).await.is_err() {
                 break;
             }
         }
@@ -451,16 +453,28 @@ async fn forward(
         buf.reserve(MAX_DATA);
         // `take` keeps one read within a frame's limit.
         let n = (&mut r).take(MAX_DATA as u64).read_buf(&mut buf).await?;
-        if n == 0 {
-            let _ = tx.send(Frame::empty(eof)).await;
-            return Ok(());
+        let mut ended = n == 0;
+        // Coalesce what has already arrived (SSH packets are 32-64 KiB) into one frame.
+        while !ended && buf.len() < MAX_DATA / 2 {
+            let room = (MAX_DATA - buf.len()) as u64;
+            match futures::FutureExt::now_or_never((&mut r).take(room).read_buf(&mut buf)) {
+                Some(Ok(0)) => ended = true,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
         }
-        if tx
-            .send(Frame::new(kind, buf.split().freeze()))
-            .await
-            .is_err()
+        if !buf.is_empty()
+            && tx
+                .send(Frame::new(kind, buf.split().freeze()))
+                .await
+                .is_err()
         {
             // The client is gone; the caller closes the channel.
+            return Ok(());
+        }
+        if ended {
+            let _ = tx.send(Frame::empty(eof)).await;
             return Ok(());
         }
     }
@@ -468,7 +482,7 @@ async fn forward(
 
 /// Frames from the client into the channel, until the client closes or goes away.
 async fn from_client(
-    rd: &mut OwnedReadHalf,
+    rd: &mut BufReader<OwnedReadHalf>,
     stdin: &mut (dyn tokio::io::AsyncWrite + Send + Unpin),
     control: Option<&Control>,
 ) {
@@ -511,7 +525,11 @@ async fn from_client(
     }
 }
 
-async fn serve_stream(io: Box<dyn RemoteIo>, mut rd: OwnedReadHalf, tx: mpsc::Sender<Frame>) {
+async fn serve_stream(
+    io: Box<dyn RemoteIo>,
+    mut rd: BufReader<OwnedReadHalf>,
+    tx: mpsc::Sender<Frame>,
+) {
     let (r, mut w) = tokio::io::split(io);
     let out = async {
         if let Err(e) = forward(r, Kind::Stdout, Kind::StdoutEof, &tx).await {
@@ -533,7 +551,7 @@ async fn serve_stream(io: Box<dyn RemoteIo>, mut rd: OwnedReadHalf, tx: mpsc::Se
     }
 }
 
-async fn serve_exec(ch: ExecChannel, mut rd: OwnedReadHalf, tx: mpsc::Sender<Frame>) {
+async fn serve_exec(ch: ExecChannel, mut rd: BufReader<OwnedReadHalf>, tx: mpsc::Sender<Frame>) {
     let ExecChannel {
         mut stdin,
         stdout,
