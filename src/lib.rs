@@ -2,7 +2,8 @@
 //!
 //! The binary is a thin shell over this library: `cli` parses, `target` turns operands into typed
 //! hosts and paths, `tls` dials the edge, `ssh` runs SSH over that stream, `link` is the seam
-//! through which everything opens its streams on a VM, `cmd` turns a subcommand's flags into
+//! through which everything opens its streams on a VM (`mux` hands out links through background
+//! masters that keep connections for reuse), `cmd` turns a subcommand's flags into
 //! typed options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `gateway`) take them.
 
 pub mod agent;

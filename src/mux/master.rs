@@ -582,7 +582,7 @@ async fn serve_exec(ch: ExecChannel, mut rd: BufReader<OwnedReadHalf>, tx: mpsc:
     }
 }
 
-/// The hidden `vtun master serve` entry: the log goes to stderr (a file beside the socket).
+/// The master's log, beside its socket (the client that starts it points its stderr there).
 pub fn socket_log(path: &Path) -> PathBuf {
     path.with_extension("log")
 }
