@@ -706,3 +706,56 @@ fn tcp_streams_and_sftp_open_through_a_master_link() {
     });
     assert_eq!(m.connections(), before);
 }
+
+/// sync and cp ride on the master's channels: a connection cut under them is a lost
+/// connection (255, named), never a clean end of a stream; the next run completes.
+#[test]
+fn a_cut_under_sync_and_cp_through_the_master_is_255_and_the_rerun_completes() {
+    let m = Masters::start(TestBed::builder().vm("a").fault("a").start());
+    let src = m.bed.dir("src");
+    for i in 0..4 {
+        std::fs::write(src.join(format!("f{i}")), random_bytes(4 << 20, i)).unwrap();
+    }
+    let dst = m.bed.dir("dst");
+    let sync = |m: &Masters| {
+        let mut cmd = m.vtun();
+        run_with_timeout(
+            cmd.arg("sync")
+                .arg(format!("{}/", src.display()))
+                .arg(format!("a-fault:{}/", dst.display())),
+            Duration::from_secs(120),
+        )
+    };
+    m.exec_sh("a-fault", "true").assert_ok();
+    m.bed.fault("a").arm(Fault::CutAfter(6 << 20));
+    let out = sync(&m);
+    assert!(m.bed.fault("a").fired(), "the cut fired");
+    assert_eq!(out.code(), 255, "a cut sync fails: {}", out.stderr);
+    assert!(out.stderr.contains("a-fault.vm.test"), "{}", out.stderr);
+    sync(&m).assert_ok();
+    for i in 0..4 {
+        let f = format!("f{i}");
+        assert_eq!(hash_file(&dst.join(&f)), hash_file(&src.join(&f)));
+    }
+
+    let big = src.join("f0");
+    let remote = m.bed.vm("a").home().join("copied");
+    m.bed.fault("a").arm(Fault::CutAfter(2 << 20));
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(
+        cmd.arg("cp")
+            .arg(&big)
+            .arg(format!("a-fault:{}", remote.display())),
+        LIMIT,
+    );
+    assert_eq!(out.code(), 255, "a cut cp fails: {}", out.stderr);
+    let mut cmd = m.vtun();
+    let out = run_with_timeout(
+        cmd.arg("cp")
+            .arg(&big)
+            .arg(format!("a-fault:{}", remote.display())),
+        LIMIT,
+    );
+    out.assert_ok();
+    assert_eq!(hash_file(&remote), hash_file(&big));
+}

@@ -194,6 +194,12 @@ impl State {
         idle.then_some("idle")
     }
 
+    /// Connected once, and that first connection is gone.
+    fn dying(&self) -> bool {
+        matches!(&*self.ready.borrow(), Some(Ok(())))
+            && self.pool().first().is_none_or(|s| s.is_closed())
+    }
+
     fn info(&self) -> Info {
         let channels = self.channels.load(Ordering::SeqCst);
         Info {
@@ -323,6 +329,11 @@ async fn handle(state: &State, stream: UnixStream) -> Result<()> {
     };
     let request: Request = first.parse()?;
     tracing::debug!(?request, "request");
+    if state.dying() {
+        // Our connection is gone and we are about to exit: say nothing, so a new command
+        // passes us by (and connects itself) instead of failing on a dead session.
+        anyhow::bail!("the ssh connection is gone; not serving {request:?}");
+    }
     let reply = |r: Reply| Frame::doc(Kind::Reply, &r);
     let req = match request {
         Request::Hello => {
