@@ -314,8 +314,8 @@ impl Drop for Open<'_> {
 enum Opened {
     /// A byte stream: SFTP or a TCP stream.
     Stream(Box<dyn RemoteIo>),
-    /// An exec channel (for `Exec`, the byte-stream flavour, too: its stderr comes along).
-    Exec(ExecChannel),
+    /// An exec channel; `true` for `Exec`, the byte-stream flavour (its stderr comes along).
+    Exec(ExecChannel, bool),
 }
 
 async fn handle(state: &State, stream: UnixStream) -> Result<()> {
@@ -389,7 +389,7 @@ async fn handle(state: &State, stream: UnixStream) -> Result<()> {
     });
     match opened {
         Opened::Stream(io) => serve_stream(io, rd, tx).await,
-        Opened::Exec(ch) => serve_exec(ch, rd, tx).await,
+        Opened::Exec(ch, stream) => serve_exec(ch, stream, rd, tx).await,
     }
     let _ = writer.await;
     Ok(())
@@ -422,6 +422,7 @@ async fn open(state: &State, req: Request) -> Result<Opened> {
                     Box::pin(async move { s.open_exec(req).await })
                 })
                 .await?,
+            true,
         ),
         Request::OpenExec(spec) => {
             let req = ExecRequest {
@@ -444,6 +445,7 @@ async fn open(state: &State, req: Request) -> Result<Opened> {
                         Box::pin(async move { s.open_exec(req).await })
                     })
                     .await?,
+                false,
             )
         }
         Request::Hello | Request::Info | Request::Ready | Request::Stop => {
@@ -452,11 +454,12 @@ async fn open(state: &State, req: Request) -> Result<Opened> {
     })
 }
 
-/// Moves `r` into frames of `kind`, then `eof`; a read error is returned (the channel died).
+/// Moves `r` into frames of `kind`, then `eof` if given; a read error is returned (the channel
+/// died).
 async fn forward(
     mut r: impl AsyncRead + Unpin,
     kind: Kind,
-    eof: Kind,
+    eof: Option<Kind>,
     tx: &mpsc::Sender<Frame>,
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
@@ -485,7 +488,9 @@ async fn forward(
             return Ok(());
         }
         if ended {
-            let _ = tx.send(Frame::empty(eof)).await;
+            if let Some(eof) = eof {
+                let _ = tx.send(Frame::empty(eof)).await;
+            }
             return Ok(());
         }
     }
@@ -543,7 +548,7 @@ async fn serve_stream(
 ) {
     let (r, mut w) = tokio::io::split(io);
     let out = async {
-        if let Err(e) = forward(r, Kind::Stdout, Kind::StdoutEof, &tx).await {
+        if let Err(e) = forward(r, Kind::Stdout, Some(Kind::StdoutEof), &tx).await {
             let fail = Fail {
                 connection: true,
                 auth: false,
@@ -562,7 +567,15 @@ async fn serve_stream(
     }
 }
 
-async fn serve_exec(ch: ExecChannel, mut rd: BufReader<OwnedReadHalf>, tx: mpsc::Sender<Frame>) {
+/// An exec channel's outputs and status to the client, its stdin and controls from it. For the
+/// byte-stream flavour the ends of stdout and stderr wait for the status: a channel that dies
+/// must reach the reader as an error, as a direct channel's does, not as a clean end.
+async fn serve_exec(
+    ch: ExecChannel,
+    stream: bool,
+    mut rd: BufReader<OwnedReadHalf>,
+    tx: mpsc::Sender<Frame>,
+) {
     let ExecChannel {
         mut stdin,
         stdout,
@@ -571,15 +584,20 @@ async fn serve_exec(ch: ExecChannel, mut rd: BufReader<OwnedReadHalf>, tx: mpsc:
         control,
     } = ch;
     let out = async {
+        let eof = |k| (!stream).then_some(k);
         let _ = tokio::join!(
-            forward(stdout, Kind::Stdout, Kind::StdoutEof, &tx),
-            forward(stderr, Kind::Stderr, Kind::StderrEof, &tx),
+            forward(stdout, Kind::Stdout, eof(Kind::StdoutEof), &tx),
+            forward(stderr, Kind::Stderr, eof(Kind::StderrEof), &tx),
         );
         let end = match status.await {
             Ok(ExitStatus::Code(c)) => EndStatus::Exited(c),
             Ok(ExitStatus::Signal { name, core_dumped }) => EndStatus::Killed { name, core_dumped },
             Err(e) => EndStatus::Failed(fail_of(&e)),
         };
+        if stream && !matches!(end, EndStatus::Failed(_)) {
+            let _ = tx.send(Frame::empty(Kind::StdoutEof)).await;
+            let _ = tx.send(Frame::empty(Kind::StderrEof)).await;
+        }
         if let Ok(f) = Frame::doc(Kind::Status, &end) {
             let _ = tx.send(f).await;
         }
