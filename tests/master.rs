@@ -759,3 +759,39 @@ fn a_cut_under_sync_and_cp_through_the_master_is_255_and_the_rerun_completes() {
     out.assert_ok();
     assert_eq!(hash_file(&remote), hash_file(&big));
 }
+
+/// Bytes from a client are hostile until parsed: oversized, unknown, truncated or out-of-order
+/// frames end that one connection, never the master.
+#[test]
+fn garbage_from_a_client_ends_only_its_connection() {
+    use std::io::{Read, Write};
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    m.exec_sh("a", "true").assert_ok();
+    let pid = m.list()[0].1;
+    let sock = std::fs::read_dir(m.socket_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .unwrap();
+    let garbage: [&[u8]; 5] = [
+        &[1, 0xff, 0xff, 0xff, 0xff],        // a request claiming 4 GiB
+        &[99, 0, 0, 0, 0],                   // an unknown kind
+        &[17, 0, 0, 0, 3, b'a', b'b', b'c'], // a master-to-client kind first
+        &[1, 0, 0, 0, 9, b'{', b'"', b'x'],  // truncated JSON, then EOF
+        b"{\"exec\":{\"command\":\"id\"}}",  // no framing at all
+    ];
+    for g in garbage {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(g);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        assert!(reply.is_empty(), "no answer to garbage: {reply:?}");
+    }
+    let out = m.exec_sh("a", "echo still here");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "still here\n");
+    assert_eq!(m.list()[0].1, pid, "the same master");
+}
