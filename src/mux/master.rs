@@ -377,6 +377,14 @@ async fn handle(state: &State, stream: UnixStream) -> Result<()> {
     };
     write_frame(&mut wr, &reply(Reply::Opened)?).await?;
 
+    let (ch, stream) = match opened {
+        // One producer: frames go straight to the socket, no writer task in between.
+        Opened::Stream(io) => {
+            serve_stream(io, rd, wr).await;
+            return Ok(());
+        }
+        Opened::Exec(ch, stream) => (ch, stream),
+    };
     let (tx, mut rx) = mpsc::channel::<Frame>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
         let mut wr = tokio::io::BufWriter::with_capacity(IO_BUFFER, wr);
@@ -387,10 +395,7 @@ async fn handle(state: &State, stream: UnixStream) -> Result<()> {
         }
         let _ = wr.shutdown().await;
     });
-    match opened {
-        Opened::Stream(io) => serve_stream(io, rd, tx).await,
-        Opened::Exec(ch, stream) => serve_exec(ch, stream, rd, tx).await,
-    }
+    serve_exec(ch, stream, rd, tx).await;
     let _ = writer.await;
     Ok(())
 }
@@ -460,7 +465,7 @@ async fn forward(
     mut r: impl AsyncRead + Unpin,
     kind: Kind,
     eof: Option<Kind>,
-    tx: &mpsc::Sender<Frame>,
+    send: &mut Sink<'_>,
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
@@ -478,20 +483,32 @@ async fn forward(
                 None => break,
             }
         }
-        if !buf.is_empty()
-            && tx
-                .send(Frame::new(kind, buf.split().freeze()))
-                .await
-                .is_err()
-        {
+        if !buf.is_empty() && !send.send(Frame::new(kind, buf.split().freeze())).await {
             // The client is gone; the caller closes the channel.
             return Ok(());
         }
         if ended {
             if let Some(eof) = eof {
-                let _ = tx.send(Frame::empty(eof)).await;
+                send.send(Frame::empty(eof)).await;
             }
             return Ok(());
+        }
+    }
+}
+
+/// Where [`forward`] puts its frames: the queue of a writer shared with other producers, or the
+/// socket itself when it is the only one (no task in between).
+enum Sink<'a> {
+    Queue(&'a mpsc::Sender<Frame>),
+    Socket(&'a mut tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>),
+}
+
+impl Sink<'_> {
+    /// False once the client is gone.
+    async fn send(&mut self, f: Frame) -> bool {
+        match self {
+            Sink::Queue(tx) => tx.send(f).await.is_ok(),
+            Sink::Socket(w) => write_frame(w, &f).await.is_ok() && w.flush().await.is_ok(),
         }
     }
 }
@@ -544,18 +561,21 @@ async fn from_client(
 async fn serve_stream(
     io: Box<dyn RemoteIo>,
     mut rd: BufReader<OwnedReadHalf>,
-    tx: mpsc::Sender<Frame>,
+    wr: tokio::net::unix::OwnedWriteHalf,
 ) {
     let (r, mut w) = tokio::io::split(io);
-    let out = async {
-        if let Err(e) = forward(r, Kind::Stdout, Some(Kind::StdoutEof), &tx).await {
+    let out = async move {
+        let mut wr = tokio::io::BufWriter::with_capacity(IO_BUFFER, wr);
+        let mut send = Sink::Socket(&mut wr);
+        let result = forward(r, Kind::Stdout, Some(Kind::StdoutEof), &mut send).await;
+        if let Err(e) = result {
             let fail = Fail {
                 connection: true,
                 auth: false,
                 message: e.to_string(),
             };
             if let Ok(f) = Frame::doc(Kind::Status, &EndStatus::Failed(fail)) {
-                let _ = tx.send(f).await;
+                send.send(f).await;
             }
         }
         // The stream stays open for the client's writes until it closes.
@@ -585,9 +605,10 @@ async fn serve_exec(
     } = ch;
     let out = async {
         let eof = |k| (!stream).then_some(k);
+        let (mut out_send, mut err_send) = (Sink::Queue(&tx), Sink::Queue(&tx));
         let _ = tokio::join!(
-            forward(stdout, Kind::Stdout, eof(Kind::StdoutEof), &tx),
-            forward(stderr, Kind::Stderr, eof(Kind::StderrEof), &tx),
+            forward(stdout, Kind::Stdout, eof(Kind::StdoutEof), &mut out_send),
+            forward(stderr, Kind::Stderr, eof(Kind::StderrEof), &mut err_send),
         );
         let end = match status.await {
             Ok(ExitStatus::Code(c)) => EndStatus::Exited(c),
