@@ -7,7 +7,8 @@
 //!
 //! Run: `cargo bench --bench transfer`. Knobs: VTUN_BENCH_MB (default 1024), VTUN_BENCH_FILES
 //! (default 2000), VTUN_BENCH_DELAYS (one-way ms, default "0,10"), VTUN_BENCH_TOOLS (default
-//! "vtun,scp,sftp,rsync"), VTUN_BENCH_SETS (default "one,many").
+//! "vtun,scp,sftp,rsync"; "vtun-master" is vtun cp through connection masters started before
+//! the cells and stopped after), VTUN_BENCH_SETS (default "one,many").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -93,6 +94,38 @@ struct Row {
     cpu: f64,
 }
 
+/// User + system CPU seconds the processes `pids` have used so far.
+fn cpu_of(pids: &[u32]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    pids.iter()
+        .map(|pid| {
+            let stat = read(Path::new(&format!("/proc/{pid}/stat")));
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // Fields after the command: state is 0, utime is 11, stime is 12.
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (n(11) + n(12)) / tick
+        })
+        .sum()
+}
+
+/// Resident set size of `pid` and the part of it that is its own (not the binary's pages
+/// shared with every other vtun process), in KiB.
+fn rss_kib(pid: u32) -> String {
+    let field = |file: &str, name: &str| -> u64 {
+        read(Path::new(&format!("/proc/{pid}/{file}")))
+            .lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let private = field("smaps_rollup", "Private_Clean:") + field("smaps_rollup", "Private_Dirty:");
+    format!(
+        "{} KiB resident, {private} KiB private",
+        field("status", "VmRSS:")
+    )
+}
+
 fn main() {
     let mb: usize = env_or("VTUN_BENCH_MB", "1024").parse().unwrap();
     let files: usize = env_or("VTUN_BENCH_FILES", "2000").parse().unwrap();
@@ -130,6 +163,34 @@ fn main() {
         };
         let user = bed.user.clone();
         let rtt = delay * 2;
+        // "vtun-master": cp through connection masters, started here so no cell pays for that.
+        let run = bed.dir("run");
+        let mut master_pids = Vec::new();
+        if tools.split(',').any(|t| t == "vtun-master") {
+            for vm in ["a", "b"] {
+                let mut warm = bed.vtun();
+                warm.env("VTUN_PERSIST", "600")
+                    .env("XDG_RUNTIME_DIR", &run)
+                    .args(["exec", vm, "true"]);
+                timed(&bed, warm, "start a master");
+            }
+            let mut list = bed.vtun();
+            let out = list
+                .env("XDG_RUNTIME_DIR", &run)
+                .args(["master", "list", "--json"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            master_pids = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["pid"].as_u64().unwrap() as u32)
+                .collect();
+            for pid in &master_pids {
+                println!("master {pid} after connecting: {}", rss_kib(*pid));
+            }
+        }
 
         // Ceiling: raw bytes through `vtun proxy` into `cat > /dev/null`.
         let mut c = Command::new("sh");
@@ -177,8 +238,11 @@ fn main() {
                 for tool in tools.split(',') {
                     let mut cmd;
                     match (tool, dir) {
-                        ("vtun", _) => {
+                        ("vtun" | "vtun-master", _) => {
                             cmd = bed.vtun();
+                            if tool == "vtun-master" {
+                                cmd.env("VTUN_PERSIST", "600").env("XDG_RUNTIME_DIR", &run);
+                            }
                             cmd.arg("cp");
                             if recursive {
                                 cmd.arg("-r");
@@ -238,7 +302,12 @@ fn main() {
                     }
                     cmd.env("VTUN_CONNECT", bed.gateway_addr.to_string())
                         .env("VTUN_CA_FILE", &bed.ca_file);
-                    let (secs, cpu) = timed(&bed, cmd, &format!("{tool} {dir} {set}"));
+                    let before = cpu_of(&master_pids);
+                    let (secs, mut cpu) = timed(&bed, cmd, &format!("{tool} {dir} {set}"));
+                    if tool == "vtun-master" {
+                        // The masters are not children of the timed command: add their CPU.
+                        cpu += cpu_of(&master_pids) - before;
+                    }
                     rows.push(Row {
                         set: label.clone(),
                         dir: dir.to_string(),
@@ -253,6 +322,21 @@ fn main() {
                 }
             }
         }
+        for pid in &master_pids {
+            println!("master {pid} after the copies: {}", rss_kib(*pid));
+        }
+        if !master_pids.is_empty() {
+            // Idle masters hand their buffers back within a tick (200 ms).
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            for pid in &master_pids {
+                println!("master {pid} idle again: {}", rss_kib(*pid));
+            }
+        }
+        let mut stop = bed.vtun();
+        let _ = stop
+            .env("XDG_RUNTIME_DIR", &run)
+            .args(["master", "stop"])
+            .output();
     }
 
     println!();

@@ -17,6 +17,8 @@ VTUN="$PWD/target/debug/vtun"
 WORK="$(mktemp -d -t vtun-demo.XXXXXX)"
 PIDS=()
 cleanup() {
+    # The connection masters the demo's commands left behind (their sockets are under $WORK).
+    XDG_RUNTIME_DIR="$WORK/run" "$VTUN" master stop 2>/dev/null || true
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     rm -rf "$WORK"
 }
@@ -58,6 +60,8 @@ GATEWAY=$(head -1 "$WORK/gateway.addr")
 # Point vtun at the local edge; on a real Vers account none of this is needed.
 export VTUN_CONNECT="$GATEWAY" VTUN_CA_FILE="$WORK/ca/ca.pem" VTUN_DOMAIN=vm.test
 export VTUN_KNOWN_HOSTS="$WORK/known_hosts" VTUN_IDENTITY="$WORK/id_ed25519" VTUN_USER="$(id -un)"
+# Connection masters (reuse between commands) keep their sockets with the demo, not in yours.
+mkdir -p "$WORK/run" && chmod 700 "$WORK/run" && export XDG_RUNTIME_DIR="$WORK/run"
 SSH=(ssh -F /dev/null -o "ProxyCommand=$VTUN proxy %h" -o UserKnownHostsFile="$WORK/ssh_known_hosts"
      -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR -i "$WORK/id_ed25519" -l "$(id -un)")
 echo "== test bed up: sshd on 127.0.0.1:$PORT behind vtun gateway on $GATEWAY"

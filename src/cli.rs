@@ -124,6 +124,21 @@ pub struct GlobalArgs {
     /// up: an unknown VM fails at once, a paused or sleeping one is resumed and waited for.
     #[arg(long, global = true, env = "VTUN_NO_RESUME")]
     pub no_resume: bool,
+    /// Keep the connection to a VM open in a background master for SECS after the last
+    /// command, so the next command to it skips the connection setup (0: no master).
+    ///
+    /// The first command to a VM starts the master (`vtun master list` shows them); later
+    /// commands with the same user, VM, port, --connect, trust settings and identities reuse its
+    /// SSH connection. A master that is gone or does not answer is passed by: the command
+    /// connects directly.
+    #[arg(
+        long,
+        global = true,
+        env = "VTUN_PERSIST",
+        default_value_t = 60.0,
+        value_name = "SECS"
+    )]
+    pub persist: f64,
 
     /// More diagnostics on stderr (repeat for more; RUST_LOG also works).
     #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
@@ -214,9 +229,60 @@ pub enum Command {
     SshConfig(SshConfigArgs),
     /// Print shell completions for SHELL to stdout.
     Completions(CompletionsArgs),
+    /// The background masters that hold connections for reuse: list or stop them.
+    ///
+    /// The first connecting command to a VM starts one; it keeps the SSH connection for
+    /// --persist seconds (default 60) after the last channel closes. Sockets and logs live in
+    /// $XDG_RUNTIME_DIR/vtun (else ~/.cache/vtun), private to this user.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            vtun master list                 VM, pid, idle seconds, open channels\n  \
+            vtun master list --json          for scripts: [{\"host\": …, \"pid\": …}, …]\n  \
+            vtun master stop vm1             end vm1's master\n  \
+            vtun master stop                 end them all"
+    )]
+    Master(MasterCommand),
     /// Remote helper for `vtun sync` (speaks a framed protocol on stdin/stdout).
     #[command(hide = true)]
     Agent,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MasterCommand {
+    /// One row per held connection: VM, pid, idle seconds, open channels.
+    List(MasterListArgs),
+    /// End the master for VM, or every master when no VM is given.
+    Stop(MasterStopArgs),
+    /// Run a master in the foreground (what commands start in the background).
+    #[command(hide = true)]
+    Serve(MasterServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MasterListArgs {
+    /// Print a JSON array of objects (host, user, port, pid, idle_secs, channels, connections).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterStopArgs {
+    /// The VM whose master to stop: [user@]NAME (all masters when omitted).
+    #[arg(value_name = "VM")]
+    pub vm: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterServeArgs {
+    /// The socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The VM: [user@]NAME[:PORT].
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Debug, Args)]

@@ -2,9 +2,10 @@
 //!
 //! The binary is a thin shell over this library: `cli` parses, `target` turns operands into typed
 //! hosts and paths, `tls` dials the edge, `ssh` runs SSH over that stream, `link` is the seam
-//! through which everything opens its streams on a VM, `cmd` turns a subcommand's flags into
-//! typed options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `forward`, `gateway`) take
-//! them.
+//! through which everything opens its streams on a VM (`mux` hands out links through background
+//! masters that keep connections for reuse), `cmd` turns a subcommand's flags into typed
+//! options, and the engines (`proxy`, `exec`, `transfer`, `sync`, `forward`, `gateway`) take
+//! them; `fanout` runs them on many VMs.
 
 pub mod agent;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod forward;
 pub mod fs;
 pub mod gateway;
 pub mod link;
+pub mod mux;
 pub mod progress;
 pub mod proxy;
 pub mod settings;

@@ -25,6 +25,8 @@ pub struct Settings {
     pub host_key_check: HostKeyCheck,
     /// How long to keep retrying a VM that refuses or resets connections (boot race).
     pub wait: Duration,
+    /// How long a background master keeps an idle connection for reuse; zero: no master.
+    pub persist: Duration,
     pub verbose: u8,
     pub quiet: bool,
     /// Aliases and HEAD, resolved before the domain is appended.

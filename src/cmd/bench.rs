@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use super::Runtime;
 use crate::cli::{BenchArgs, GlobalArgs};
-use crate::ssh::SshConnector;
+use crate::mux::MuxConnector;
 use crate::transfer::bench::{bench, parse_size, BenchOptions};
 
 pub fn run(g: &GlobalArgs, args: &BenchArgs) -> Result<u8> {
@@ -18,7 +18,7 @@ pub fn run(g: &GlobalArgs, args: &BenchArgs) -> Result<u8> {
         parallel: args.parallel,
         json: args.json,
     };
-    let connector = SshConnector::new(settings.clone());
+    let connector = MuxConnector::new(settings.clone());
     Runtime::MultiThread.block_on(async {
         let mut out = std::io::stdout();
         bench(&settings, &opts, &connector, &mut out).await

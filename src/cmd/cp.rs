@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::Runtime;
 use crate::cli::{CpArgs, GlobalArgs};
-use crate::ssh::SshConnector;
+use crate::mux::MuxConnector;
 use crate::transfer::cp::{cp, CpOptions};
 
 pub fn options(args: &CpArgs) -> CpOptions {
@@ -42,7 +42,7 @@ pub fn run(g: &GlobalArgs, args: &CpArgs) -> Result<u8> {
             },
         );
     }
-    let connector = SshConnector::new(settings.clone());
+    let connector = MuxConnector::new(settings.clone());
     let opts = options(args);
     Runtime::MultiThread.block_on(async {
         let mut out = std::io::stdout();

@@ -12,6 +12,7 @@ use crate::exec::quote::{parse_env, CommandSpec};
 use crate::exec::{ExecOptions, Stdio};
 use crate::fanout::{self, exec::Show};
 use crate::link::{Connector, ExecRequest, Start};
+use crate::mux::MuxConnector;
 use crate::settings::Settings;
 use crate::ssh::SshConnector;
 use crate::target::Host;
@@ -78,11 +79,14 @@ pub(super) fn on_vm(
     forwards: Option<crate::forward::Options>,
 ) -> Result<u8> {
     super::Runtime::Workers(2).block_on(async {
-        let connector = Arc::new(SshConnector::new(settings.clone()));
-        let forwarding = match forwards {
-            Some(f) => Some(crate::forward::start(connector.clone(), host.clone(), f).await?),
-            None => None,
+        let Some(forwards) = forwards else {
+            let link = MuxConnector::new(settings.clone()).connect(host).await?;
+            return crate::exec::run(link.as_ref(), opts, Stdio::process()).await;
         };
+        // Forwards need their own connection (a master does not relay remote forwards), and
+        // the command shares it.
+        let connector = Arc::new(SshConnector::new(settings.clone()));
+        let forwarding = crate::forward::start(connector.clone(), host.clone(), forwards).await?;
         let link = connector.connect(host).await?;
         let code = crate::exec::run(link.as_ref(), opts, Stdio::process()).await;
         drop(forwarding);

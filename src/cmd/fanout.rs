@@ -12,8 +12,8 @@ use crate::fanout::exec::{exec_all, FanoutExec, Show};
 use crate::fanout::output::{Lines, Stream};
 use crate::fanout::{self, Target, VmResult};
 use crate::link::{Connector, ExecRequest};
+use crate::mux::MuxConnector;
 use crate::settings::Settings;
-use crate::ssh::SshConnector;
 
 /// The VMs an operand (and `--hosts`) names, each resolved as a single VM operand would be.
 pub fn targets(
@@ -68,7 +68,7 @@ pub fn exec(
     };
     fanout::raise_fd_limit();
     let started = Instant::now();
-    let connector: Arc<dyn Connector> = Arc::new(SshConnector::new(settings.clone()));
+    let connector: Arc<dyn Connector> = Arc::new(MuxConnector::reuse_only(settings.clone()));
     let results = super::Runtime::MultiThread.block_on(async move {
         let (lines, writer) = Lines::start(tokio::io::stdout(), tokio::io::stderr());
         let opts = FanoutExec {
@@ -156,7 +156,7 @@ pub fn each_vm<F, Fut>(
     work: F,
 ) -> Result<u8>
 where
-    F: Fn(Settings, Vec<String>, Arc<SshConnector>) -> Fut + Send + Sync + 'static,
+    F: Fn(Settings, Vec<String>, Arc<MuxConnector>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = (Result<u8>, Vec<u8>)> + 'static,
 {
     let targets = targets(settings, list.list.as_deref(), fa.hosts.as_deref())?;
@@ -192,7 +192,7 @@ where
         quiet: true,
         ..settings.clone()
     };
-    let connector = Arc::new(SshConnector::new(quiet.clone()));
+    let connector = Arc::new(MuxConnector::reuse_only(quiet.clone()));
     let (paths, work) = (paths.to_vec(), Arc::new(work));
     let results = super::Runtime::MultiThread.block_on(async move {
         let (lines, writer) = Lines::start(tokio::io::stdout(), tokio::io::stderr());

@@ -11,6 +11,7 @@ pub mod exec;
 mod fanout;
 pub mod forward;
 mod gateway;
+mod master;
 mod proxy;
 pub mod ssh;
 mod ssh_config;
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{Cli, Command, GlobalArgs, HostKeyCheck};
+use crate::cli::{Cli, Command, GlobalArgs, HostKeyCheck, MasterCommand};
 use crate::settings::{default_known_hosts, Settings};
 use crate::target::resolve_domain;
 use crate::tls::TlsOptions;
@@ -42,6 +43,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Sync(a) => sync::run(g, &a),
         Command::Forward(a) => forward::run(g, &a),
         Command::Bench(a) => bench::run(g, &a),
+        Command::Master(c) => master::run(g, &c),
     }
 }
 
@@ -67,6 +69,7 @@ pub fn settings(g: &GlobalArgs, identities: &[PathBuf]) -> Result<Settings> {
             HostKeyCheck::No => crate::ssh::HostKeyCheck::No,
         },
         wait: seconds(g.wait, "--wait")?,
+        persist: seconds(g.persist, "--persist")?,
         verbose: g.verbose,
         quiet: g.quiet,
         names: std::sync::Arc::new(crate::vers::names::Names::from_env()),
@@ -137,6 +140,7 @@ fn init_logging(cli: &Cli) {
     let base = match (&cli.command, cli.global.quiet) {
         (_, true) => 0,
         (Command::Gateway(_), _) => 2,
+        (Command::Master(MasterCommand::Serve(_)), _) => 2,
         _ => 1,
     } + cli.global.verbose as usize;
     let level = ["error", "warn", "info", "debug", "trace"][base.min(4)];

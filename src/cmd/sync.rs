@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use super::Runtime;
 use crate::cli::{GlobalArgs, SyncArgs};
-use crate::ssh::SshConnector;
+use crate::mux::MuxConnector;
 use crate::sync::{run_sync, Partial, SyncOptions};
 
 pub fn options(args: &SyncArgs) -> SyncOptions {
@@ -51,7 +51,7 @@ pub fn run(g: &GlobalArgs, args: &SyncArgs) -> Result<u8> {
             },
         );
     }
-    let connector = SshConnector::new(settings.clone());
+    let connector = MuxConnector::new(settings.clone());
     let opts = options(args);
     Runtime::MultiThread.block_on(async {
         let mut out = std::io::stdout();

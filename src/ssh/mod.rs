@@ -39,4 +39,8 @@ pub enum SshError {
     ConnectionLost(String),
     #[error("{0}")]
     Protocol(String),
+    /// The server would not open another session channel on this connection (MaxSessions);
+    /// the connection itself is fine.
+    #[error("{0}")]
+    Refused(String),
 }

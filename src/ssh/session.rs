@@ -75,7 +75,7 @@ impl Session {
             .map_err(|e| match e {
                 // The connection is fine; the server said no (OpenSSH allows `MaxSessions`
                 // channels per connection, 10 by default).
-                russh::Error::ChannelOpenFailure(why) => SshError::Protocol(format!(
+                russh::Error::ChannelOpenFailure(why) => SshError::Refused(format!(
                     "{} refused another channel ({why:?}; sshd allows MaxSessions per connection)",
                     self.name
                 ))

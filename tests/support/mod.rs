@@ -251,9 +251,16 @@ pub struct Builder {
     extra_routes: Vec<String>,
     /// Extra names (`NAME.vm.test`) routed to a VM's sshd: fleets for fan-out tests.
     extra_names: Vec<(String, String)>,
+    max_sessions: Option<u32>,
 }
 
 impl Builder {
+    /// sshd's MaxSessions (channels per connection) for every VM [default: 64].
+    pub fn max_sessions(mut self, n: u32) -> Self {
+        self.max_sessions = Some(n);
+        self
+    }
+
     /// Add a VM named `name` (reached as `name.vm.test`).
     pub fn vm(mut self, name: &str) -> Self {
         self.vms.push((name.to_string(), true));
@@ -321,7 +328,11 @@ impl Builder {
             std::fs::create_dir_all(dir.join("home")).expect("vm home");
             std::fs::write(dir.join("authorized_keys"), &authorized).expect("authorized_keys");
             let (reserved, port) = reserve_port();
-            std::fs::write(dir.join("sshd_config"), sshd_config(&dir, &user)).expect("sshd_config");
+            std::fs::write(
+                dir.join("sshd_config"),
+                sshd_config(&dir, &user, self.max_sessions.unwrap_or(64)),
+            )
+            .expect("sshd_config");
             let mut vm = Vm {
                 name: name.clone(),
                 port,
@@ -469,7 +480,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn sshd_config(dir: &Path, user: &str) -> String {
+fn sshd_config(dir: &Path, user: &str, max_sessions: u32) -> String {
     format!(
         "HostKey {dir}/host_key\n\
          PidFile none\n\
@@ -482,7 +493,7 @@ fn sshd_config(dir: &Path, user: &str) -> String {
          KbdInteractiveAuthentication no\n\
          Subsystem sftp internal-sftp\n\
          LogLevel ERROR\n\
-         MaxSessions 64\n\
+         MaxSessions {max_sessions}\n\
          AcceptEnv VTUN_TEST_*\n\
          SetEnv HOME={dir}/home\n\
          PrintMotd no\n\
@@ -575,7 +586,10 @@ impl TestBed {
             .env("VTUN_CA_FILE", &self.ca_file)
             .env("VTUN_DOMAIN", DOMAIN)
             .env("VTUN_KNOWN_HOSTS", &self.known_hosts)
-            .env("VTUN_USER", &self.user);
+            .env("VTUN_USER", &self.user)
+            // No connection masters unless a test asks for them (tests/master.rs): nothing is
+            // left running behind a test, and each command's connection is its own.
+            .env("VTUN_PERSIST", "0");
         let _ = std::fs::create_dir_all(self.root.join("tmp"));
     }
 
@@ -1048,6 +1062,7 @@ pub fn rerun_in_clean_env(env: &[(&str, &std::ffi::OsStr)]) -> bool {
         .env("HOME", dir.path().join("home"))
         .env("TMPDIR", dir.path().join("tmp"))
         .env(CLEAN_CHILD, &name)
+        .env("VTUN_PERSIST", "0")
         .envs(env.iter().copied())
         .stdin(Stdio::null());
     let out = run_with_timeout(&mut cmd, Duration::from_secs(300));
