@@ -442,3 +442,62 @@ fn glob_patterns_match_vers_aliases_and_label_lines_with_them() {
         out.stderr
     );
 }
+
+#[test]
+fn cp_json_gives_one_object_per_vm_with_its_name_and_timeout_stops_a_copy() {
+    let bed = bed_with(2);
+    let src = bed.dir("src");
+    std::fs::write(src.join("f"), "data\n").unwrap();
+    let to = bed.dir("to");
+    let out = vtun(
+        &bed,
+        &[
+            "cp",
+            "--json",
+            src.join("f").to_str().unwrap(),
+            &format!("w01,w02:{}/", to.display()),
+        ],
+    );
+    out.assert_ok();
+    let mut names: Vec<String> = out
+        .stdout_str()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["files"], 1, "{l}");
+            v["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["w01", "w02"]);
+
+    // A copy that cannot finish in time: counted as timed out, exit 124, nothing under the
+    // final name.
+    let big = src.join("big");
+    std::fs::write(&big, random_bytes(64 << 20, 5)).unwrap();
+    let slow = TestBed::builder()
+        .vm("a")
+        .names(["s1", "s2"], "a")
+        .delay_ms(200)
+        .start();
+    let dst = slow.dir("dst");
+    let out = run_with_timeout(
+        slow.vtun()
+            .args([
+                "--wait",
+                "0.5",
+                "cp",
+                "--timeout",
+                "1",
+                big.to_str().unwrap(),
+            ])
+            .arg(format!("s1,s2:{}/", dst.display())),
+        LIMIT,
+    );
+    assert_eq!(out.code(), 124, "{}", out.stderr);
+    assert!(out.stderr.contains("2 timed out (s1 s2)"), "{}", out.stderr);
+    assert!(
+        !dst.join("big").exists(),
+        "no partial file under the final name"
+    );
+}

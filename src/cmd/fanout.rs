@@ -262,6 +262,13 @@ where
                 let prefix = format!("{}: ", t.label);
                 let mut text = Vec::new();
                 for line in out.split_inclusive(|&b| b == b'\n') {
+                    // A --json summary stays JSON: the VM's name goes inside the object.
+                    if let Ok(serde_json::Value::Object(mut o)) = serde_json::from_slice(line) {
+                        o.insert("name".into(), t.label.clone().into());
+                        text.extend_from_slice(serde_json::Value::Object(o).to_string().as_bytes());
+                        text.push(b'\n');
+                        continue;
+                    }
                     text.extend_from_slice(prefix.as_bytes());
                     text.extend_from_slice(line);
                     if !line.ends_with(b"\n") {
