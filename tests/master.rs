@@ -813,3 +813,19 @@ fn a_fan_out_uses_masters_that_are_up_and_starts_none() {
     let hosts: Vec<String> = m.list().into_iter().map(|h| h.0).collect();
     assert_eq!(hosts, [m.bed.vm("a").fqdn()], "no master started for b");
 }
+
+/// The master connects for the first command; what it says while it waits for a booting VM
+/// reaches that command's stderr, as with a direct connection.
+#[test]
+fn the_first_command_shows_the_masters_boot_wait() {
+    let mut m = Masters::start(TestBed::builder().deferred_vm("late").start());
+    let mut cmd = m.vtun();
+    cmd.args(["--wait", "20", "exec", "late", "--sh", "--", "echo up"]);
+    let mut child = Spawned::start(&mut cmd);
+    child.wait_for_stderr("waiting for late.vm.test to accept connections", LIMIT);
+    m.bed.start_vm("late");
+    let out = child.wait(LIMIT);
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "up\n");
+    assert_eq!(m.list().len(), 1, "it went through a master");
+}

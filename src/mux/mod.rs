@@ -144,10 +144,26 @@ impl MuxConnector {
                 return Ok(None);
             }
         }
-        // The master is connecting (we just started it, or another command did).
-        let ready = match client::connect(&path).await {
-            Ok(s) => client::ask_reply(s, Request::Ready, link.open_timeout).await,
-            Err(e) => Err(e),
+        // The master is connecting (we just started it, or another command did). What it says
+        // meanwhile (waiting for a booting VM, resuming a paused one) goes to its log; this
+        // command shows those lines, as a direct connection would have printed them.
+        let log = master::socket_log(&path);
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let ask = async {
+            match client::connect(&path).await {
+                Ok(s) => client::ask_reply(s, Request::Ready, link.open_timeout).await,
+                Err(e) => Err(e),
+            }
+        };
+        let ready = if self.settings.quiet {
+            ask.await
+        } else {
+            let echo = echo_notices(&log, from);
+            tokio::pin!(echo);
+            tokio::select! {
+                r = ask => r,
+                () = &mut echo => unreachable!("echo_notices never ends"),
+            }
         };
         match ready {
             Ok(Reply::Info(_)) => Ok(Some(link)),
@@ -171,6 +187,33 @@ impl MuxConnector {
 impl Connector for MuxConnector {
     fn connect<'a>(&'a self, host: &'a Host) -> BoxFuture<'a, Result<Arc<dyn Link>>> {
         Box::pin(self.link(host))
+    }
+}
+
+/// Print the `vtun: ` lines a master appends to its log after byte `from`, as they come (every
+/// 100 ms), until dropped. Only whole lines, and only notices meant for the user.
+async fn echo_notices(log: &Path, mut from: u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut partial: Vec<u8> = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(mut f) = std::fs::File::open(log) else {
+            continue;
+        };
+        let mut buf = Vec::new();
+        // A log is small; bound a read anyway so a runaway one costs nothing here.
+        if f.seek(SeekFrom::Start(from)).is_err() || f.take(1 << 20).read_to_end(&mut buf).is_err()
+        {
+            continue;
+        }
+        from += buf.len() as u64;
+        partial.extend_from_slice(&buf);
+        while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=i).collect();
+            if line.starts_with(b"vtun: ") {
+                eprint!("{}", String::from_utf8_lossy(&line));
+            }
+        }
     }
 }
 
