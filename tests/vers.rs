@@ -587,3 +587,72 @@ fn a_booting_vm_without_a_cached_key_gets_its_key_once_it_is_up() {
         ]
     );
 }
+
+/// An ssh-agent with a key of its own: the agent is tried first, so when the VM accepts it no
+/// key is fetched; when the VM refuses it, the API's key is fetched once and used.
+#[test]
+fn an_agent_key_the_vm_accepts_needs_no_api_request() {
+    let bed = TestBed::builder().vm(ID).start();
+    let api = api_with_vm(&bed, "running");
+    let sock = bed.root.join("agent.sock");
+    /// The agent goes when the test does, whatever fails first.
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = Agent(
+        bed.command("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent"),
+    );
+    wait_until(Duration::from_secs(5), "the agent's socket", || {
+        sock.exists()
+    });
+    let add = |key: &std::path::Path| {
+        let st = bed
+            .command("ssh-add")
+            .arg(key)
+            .env("SSH_AUTH_SOCK", &sock)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("ssh-add");
+        assert!(st.success());
+    };
+    add(&bed.user_key);
+    let mut cmd = vtun_api(&bed, &api);
+    cmd.env("SSH_AUTH_SOCK", &sock);
+    let out = echo(cmd, ID, "agent");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "agent\n");
+    assert!(api.lines().is_empty(), "requests: {:?}", api.lines());
+    assert!(!cache_file(&bed, ID).exists());
+
+    // An agent key the VM refuses: then the API's key, once.
+    let st = bed
+        .command("ssh-add")
+        .arg("-D")
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("ssh-add -D");
+    assert!(st.success());
+    let other = bed.root.join("other_key");
+    keygen(&other, "ed25519");
+    add(&other);
+    let mut cmd = vtun_api(&bed, &api);
+    cmd.env("SSH_AUTH_SOCK", &sock);
+    let out = echo(cmd, ID, "fetched");
+    drop(agent);
+    out.assert_ok();
+    assert_eq!(api.lines(), [format!("GET /api/v1/vm/{ID}/ssh_key")]);
+    assert!(cache_file(&bed, ID).exists());
+}

@@ -112,6 +112,24 @@ pub async fn authenticate(
     .into())
 }
 
+/// How many public keys the ssh-agent at SSH_AUTH_SOCK holds (0 without a reachable agent).
+pub async fn agent_keys() -> usize {
+    let Some(sock) = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty()) else {
+        return 0;
+    };
+    let ask = async {
+        let mut agent = AgentClient::connect_uds(&sock).await.ok()?;
+        agent.request_identities().await.ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(2), ask).await {
+        Ok(Some(ids)) => ids
+            .iter()
+            .filter(|id| matches!(id, AgentIdentity::PublicKey { .. }))
+            .count(),
+        _ => 0,
+    }
+}
+
 impl Attempts<'_> {
     async fn try_file(&mut self, path: &Path, explicit: bool) -> anyhow::Result<bool> {
         let shown = path.display().to_string();

@@ -24,6 +24,7 @@ mod keyfile;
 mod retry;
 mod session;
 
+pub use auth::agent_keys;
 pub use channel::{ChannelIo, SshConnector};
 pub use hostkey::HostKeyCheck;
 pub use session::Session;

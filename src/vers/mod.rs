@@ -50,6 +50,10 @@ pub enum Verdict {
     Wait,
 }
 
+/// Most agent keys offered before the API's key when no key is cached: with sshd's default
+/// MaxAuthTries of 6, room is left for the API's key after them.
+const AGENT_FIRST: usize = 3;
+
 impl VmApi {
     /// The API for `host`, when an API key is configured and the host is a VM under the
     /// domain (`<id>.<domain>`); None means "behave as without the vers CLI".
@@ -104,8 +108,15 @@ impl VmApi {
     /// Before dialing: with no `-i` file and no cached key, fetch the key (one request now
     /// rather than a failed authentication later). A VM the API does not know fails at once; one
     /// that is not running (409) is looked at, and resumed, here.
+    ///
+    /// An ssh-agent with a few keys gets its turn first (the key is then fetched during
+    /// authentication, only if the agent's keys are refused); one with more keys than sshd's
+    /// MaxAuthTries (6) leaves room for does not, so the API's key is not locked out.
     pub async fn prefetch(&self, identities: &[PathBuf]) -> Result<()> {
         if !identities.is_empty() || keys::cache_file(&self.id).exists() {
+            return Ok(());
+        }
+        if (1..=AGENT_FIRST).contains(&crate::ssh::agent_keys().await) {
             return Ok(());
         }
         match self.fetch_key().await {
