@@ -123,7 +123,10 @@ fn fifty_vms_lines_stay_whole_prefixed_and_apart_with_a_summary() {
     let summary = out.stderr.lines().last().unwrap();
     assert!(
         summary.starts_with("vtun: 52 VMs in ")
-            && summary.ends_with(": 50 ok, 2 unreachable (gone1 gone2)"),
+            && summary.ends_with(&format!(
+                ": 50 ok ({}), 2 unreachable (gone1 gone2)",
+                fleet(50).join(" ")
+            )),
         "{summary}"
     );
     assert_eq!(std::fs::read_to_string(&failed).unwrap(), "gone1\ngone2\n");
@@ -145,7 +148,7 @@ fn exit_status_is_the_highest_remote_status_then_timeout_then_connection() {
     assert_eq!(out.code(), 3, "{}", out.stderr);
     let out = exec(&bed, &["w01,w02", "true"]);
     assert_eq!(out.code(), 0, "{}", out.stderr);
-    assert!(out.stderr.ends_with(": 2 ok\n"), "{}", out.stderr);
+    assert!(out.stderr.ends_with(": 2 ok (w01 w02)\n"), "{}", out.stderr);
     // A timeout outranks remote statuses; a connection failure outranks a timeout.
     let out = exec(
         &bed,
@@ -194,7 +197,10 @@ fn timeout_stops_the_slow_vm_without_holding_up_the_rest() {
         "the run waited for the slow VM: {took:?}"
     );
     assert!(
-        out.stderr.contains("6 ok, 1 timed out (slow)"),
+        out.stderr.contains(&format!(
+            "6 ok ({}), 1 timed out (slow)",
+            fleet(6).join(" ")
+        )),
         "{}",
         out.stderr
     );
@@ -310,7 +316,7 @@ fn hosts_file_with_comments_and_from_stdin() {
     drop(stdin);
     let out = child.wait(LIMIT);
     out.assert_ok();
-    assert!(out.stderr.ends_with(": 2 ok\n"), "{}", out.stderr);
+    assert!(out.stderr.ends_with(": 2 ok (w03 w04)\n"), "{}", out.stderr);
 
     std::fs::write(&file, "# nobody\n").unwrap();
     let out = exec(&bed, &["--hosts", file.to_str().unwrap(), "true"]);
@@ -345,7 +351,7 @@ fn cp_pushes_to_every_vm_and_pulls_into_a_directory_per_vm() {
         ],
     );
     out.assert_ok();
-    assert!(out.stderr.ends_with(": 2 ok\n"), "{}", out.stderr);
+    assert!(out.stderr.ends_with(": 2 ok (w01 w02)\n"), "{}", out.stderr);
     assert_eq!(hash_file(&remote.join("w01/app.bin")), hash(&data));
     assert_eq!(
         std::fs::read_to_string(remote.join("w01/conf")).unwrap(),
@@ -371,7 +377,7 @@ fn cp_pushes_to_every_vm_and_pulls_into_a_directory_per_vm() {
     assert_eq!(out.code(), 255, "{}", out.stderr);
     assert_eq!(hash_file(&got.join("w01/app.bin")), hash(&data));
     assert!(
-        out.stderr.contains("1 ok, 1 unreachable (gone)"),
+        out.stderr.contains("1 ok (w01), 1 unreachable (gone)"),
         "{}",
         out.stderr
     );
@@ -389,7 +395,11 @@ fn sync_to_several_vms_including_two_that_share_a_directory() {
     let to = format!("w01,w02,w03,w04:{}/", dst.display());
     let out = vtun(&bed, &["sync", "-i", &format!("{}/", src.display()), &to]);
     out.assert_ok();
-    assert!(out.stderr.ends_with(": 4 ok\n"), "{}", out.stderr);
+    assert!(
+        out.stderr.ends_with(": 4 ok (w01 w02 w03 w04)\n"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(
         hash_file(&dst.join("sub/big")),
         hash_file(&src.join("sub/big"))

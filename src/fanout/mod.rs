@@ -312,8 +312,15 @@ pub fn summary(results: &[VmResult], seconds: f64) -> String {
             .map(|r| r.label.as_str())
             .collect()
     };
-    let ok = pick(|o| matches!(o, Outcome::Ok)).len();
-    let mut line = format!("vtun: {} VMs in {seconds:.1} s: {ok} ok", results.len());
+    let ok = pick(|o| matches!(o, Outcome::Ok));
+    let mut line = format!(
+        "vtun: {} VMs in {seconds:.1} s: {} ok",
+        results.len(),
+        ok.len()
+    );
+    if !ok.is_empty() {
+        line.push_str(&format!(" ({})", ok.join(" ")));
+    }
     for (what, names) in [
         ("failed", pick(|o| matches!(o, Outcome::Failed(_)))),
         (
@@ -446,7 +453,7 @@ mod tests {
         );
         assert_eq!(
             s,
-            "vtun: 3 VMs in 1.0 s: 1 ok, 1 failed (b), 1 unreachable (u)"
+            "vtun: 3 VMs in 1.0 s: 1 ok (a), 1 failed (b), 1 unreachable (u)"
         );
     }
 }
