@@ -327,7 +327,15 @@ impl SftpEndpoint {
                 let p = self.safe_path(path, known).await?;
                 match self.fs.lstat(&p).await? {
                     Some(m) if m.kind == Kind::Dir => {}
-                    _ => self.fs.mkdir(&p, mode | 0o700).await?,
+                    _ => {
+                        if let Err(e) = self.fs.mkdir(&p, mode | 0o700).await {
+                            // Made meanwhile by another sync into the same directory.
+                            match self.fs.lstat(&p).await? {
+                                Some(m) if m.kind == Kind::Dir => {}
+                                _ => return Err(e),
+                            }
+                        }
+                    }
                 }
                 known.insert(path.clone());
                 // Writable by us until the final metadata pass sets the real mode.

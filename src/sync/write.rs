@@ -318,8 +318,13 @@ fn apply_op(path: &Path, opened: &mut Option<Root>, op: &Op) -> Result<()> {
         Op::Mkdir { path, mode } => {
             let (dir, name) = path.open_parent(root)?;
             if dir.lstat(name)?.map(|m| m.kind) != Some(Kind::Dir) {
-                dir.mkdir(name, 0o700)
-                    .with_context(|| ctx("cannot create directory", &dir, name))?;
+                match dir.mkdir(name, 0o700) {
+                    // Made meanwhile by another sync into the same directory: as `mkdir -p`.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AlreadyExists
+                            && dir.lstat(name)?.map(|m| m.kind) == Some(Kind::Dir) => {}
+                    r => r.with_context(|| ctx("cannot create directory", &dir, name))?,
+                }
             }
             // Writable by us until the final metadata pass sets the real mode.
             dir.chmod(name, mode | 0o700)
