@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/deps.sh
 source scripts/deps.sh
-ensure_test_deps
+VTUN_BENCH_DEPS=1 ensure_test_deps
 benches=("$@")
 if [ "${#benches[@]}" -eq 0 ]; then
     mapfile -t benches < <(ls benches/*.rs | xargs -n1 basename | sed 's/\.rs$//')

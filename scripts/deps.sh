@@ -15,6 +15,15 @@ missing_packages() {
     command -v setsid >/dev/null 2>&1 || need+=(util-linux)
     # The full-disk and read-only cases mount a small tmpfs (as root, as CI runs).
     command -v mount >/dev/null 2>&1 || need+=(mount)
+    # Forward tests fetch through -L/-D with curl; the master's uid check runs a client as
+    # nobody with the system python3 (runuser is util-linux).
+    command -v curl >/dev/null 2>&1 || need+=(curl)
+    [ -x /usr/bin/python3 ] || need+=(python3-minimal)
+    command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+    # Benchmarks only (bench.sh sets VTUN_BENCH_DEPS): pssh for the fan-out comparison.
+    if [ -n "${VTUN_BENCH_DEPS:-}" ]; then
+        command -v parallel-ssh >/dev/null 2>&1 || need+=(pssh)
+    fi
     if [ "${#need[@]}" -gt 0 ]; then
         printf '%s\n' "${need[@]}" | sort -u | tr '\n' ' '
     fi
