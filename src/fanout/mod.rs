@@ -59,14 +59,14 @@ pub fn names(
     if let Some(file) = hosts_file {
         items.extend(read_hosts(file)?);
     }
+    // Read on the first pattern only: a plain list never touches the aliases file.
     let mut aliases = Some(aliases);
-    let mut known: Option<Vec<String>> = None;
+    let mut known: Vec<String> = Vec::new();
     let mut out: Vec<String> = Vec::new();
     for item in items {
         if item.contains(['*', '?', '[']) {
-            if known.is_none() {
-                let load = aliases.take().expect("loaded once");
-                known = Some(load().context("cannot read the vers aliases to match patterns")?);
+            if let Some(load) = aliases.take() {
+                known = load().context("cannot read the vers aliases to match patterns")?;
             }
             let (user, pattern) = match item.rsplit_once('@') {
                 Some((u, p)) => (Some(u), p),
@@ -74,7 +74,6 @@ pub fn names(
             };
             let mut matched: Vec<&String> = known
                 .iter()
-                .flatten()
                 .filter(|a| glob(pattern.as_bytes(), a.as_bytes()))
                 .collect();
             if matched.is_empty() {
