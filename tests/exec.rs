@@ -422,35 +422,14 @@ fn host_key_is_pinned_then_a_changed_key_is_refused() {
 #[test]
 fn agent_keys_authenticate() {
     let bed = TestBed::builder().vm("a").start();
-    let sock = bed.root.join("agent.sock");
-    let mut agent = bed
-        .command("ssh-agent")
-        .arg("-D")
-        .arg("-a")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh-agent");
-    let start = Instant::now();
-    while !sock.exists() && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let added = bed
-        .command("ssh-add")
-        .arg(&bed.user_key)
-        .env("SSH_AUTH_SOCK", &sock)
-        .stderr(Stdio::null())
-        .status()
-        .expect("ssh-add");
-    assert!(added.success());
+    let agent = Agent::start(&bed);
+    agent.ssh_add(&bed, &bed.user_key);
 
     let mut cmd = bed.vtun_bare();
     cmd.args(["exec", "a", "--", "echo", "via-agent"])
-        .env("SSH_AUTH_SOCK", &sock);
+        .env("SSH_AUTH_SOCK", &agent.sock);
     let out = run_with_timeout(&mut cmd, LIMIT);
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     out.assert_ok();
     assert_eq!(out.stdout_str(), "via-agent\n");
 }

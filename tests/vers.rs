@@ -594,41 +594,10 @@ fn a_booting_vm_without_a_cached_key_gets_its_key_once_it_is_up() {
 fn an_agent_key_the_vm_accepts_needs_no_api_request() {
     let bed = TestBed::builder().vm(ID).start();
     let api = api_with_vm(&bed, "running");
-    let sock = bed.root.join("agent.sock");
-    /// The agent goes when the test does, whatever fails first.
-    struct Agent(std::process::Child);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let agent = Agent(
-        bed.command("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&sock)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("ssh-agent"),
-    );
-    wait_until(Duration::from_secs(5), "the agent's socket", || {
-        sock.exists()
-    });
-    let add = |key: &std::path::Path| {
-        let st = bed
-            .command("ssh-add")
-            .arg(key)
-            .env("SSH_AUTH_SOCK", &sock)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("ssh-add");
-        assert!(st.success());
-    };
-    add(&bed.user_key);
+    let agent = Agent::start(&bed);
+    agent.ssh_add(&bed, &bed.user_key);
     let mut cmd = vtun_api(&bed, &api);
-    cmd.env("SSH_AUTH_SOCK", &sock);
+    cmd.env("SSH_AUTH_SOCK", &agent.sock);
     let out = echo(cmd, ID, "agent");
     out.assert_ok();
     assert_eq!(out.stdout_str(), "agent\n");
@@ -636,20 +605,12 @@ fn an_agent_key_the_vm_accepts_needs_no_api_request() {
     assert!(!cache_file(&bed, ID).exists());
 
     // An agent key the VM refuses: then the API's key, once.
-    let st = bed
-        .command("ssh-add")
-        .arg("-D")
-        .env("SSH_AUTH_SOCK", &sock)
-        .stderr(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("ssh-add -D");
-    assert!(st.success());
+    agent.ssh_add(&bed, "-D");
     let other = bed.root.join("other_key");
     keygen(&other, "ed25519");
-    add(&other);
+    agent.ssh_add(&bed, &other);
     let mut cmd = vtun_api(&bed, &api);
-    cmd.env("SSH_AUTH_SOCK", &sock);
+    cmd.env("SSH_AUTH_SOCK", &agent.sock);
     let out = echo(cmd, ID, "fetched");
     drop(agent);
     out.assert_ok();

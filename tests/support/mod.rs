@@ -1143,3 +1143,49 @@ impl Drop for GatewayProc {
         let _ = self.child.wait();
     }
 }
+
+/// A real `ssh-agent` on a socket in the bed, killed when dropped.
+pub struct Agent {
+    child: Child,
+    pub sock: PathBuf,
+}
+
+impl Agent {
+    pub fn start(bed: &TestBed) -> Agent {
+        let sock = bed.root.join("agent.sock");
+        let child = bed
+            .command("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh-agent");
+        let agent = Agent { child, sock };
+        wait_until(Duration::from_secs(5), "the agent's socket", || {
+            agent.sock.exists()
+        });
+        agent
+    }
+
+    /// `ssh-add ARGS…` against this agent (a key file, or `-D` to remove every key).
+    pub fn ssh_add(&self, bed: &TestBed, arg: impl AsRef<std::ffi::OsStr>) {
+        let st = bed
+            .command("ssh-add")
+            .arg(arg)
+            .env("SSH_AUTH_SOCK", &self.sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("ssh-add");
+        assert!(st.success(), "ssh-add failed");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
