@@ -138,6 +138,10 @@ impl MuxConnector {
                 return Ok(None);
             }
         };
+        // Where the master's notices for this command start in its log: taken before a new
+        // master is started, which may print its first "waiting" line at once.
+        let log = master::socket_log(&path);
+        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         if must_start {
             if let Err(e) = start(&self.settings, host, &path).await {
                 tracing::debug!("no connection master ({e:#}); connecting directly");
@@ -147,8 +151,6 @@ impl MuxConnector {
         // The master is connecting (we just started it, or another command did). What it says
         // meanwhile (waiting for a booting VM, resuming a paused one) goes to its log; this
         // command shows those lines, as a direct connection would have printed them.
-        let log = master::socket_log(&path);
-        let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let ask = async {
             match client::connect(&path).await {
                 Ok(s) => client::ask_reply(s, Request::Ready, link.open_timeout).await,
