@@ -354,11 +354,28 @@ fn a_killed_or_hung_master_never_breaks_a_command() {
     let start = Instant::now();
     let out = m.exec_sh("a", "echo direct");
     let took = start.elapsed();
-    unsafe { libc::kill(hung as i32, libc::SIGCONT) };
     out.assert_ok();
     assert_eq!(out.stdout_str(), "direct\n");
     assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
     assert!(took < Duration::from_secs(8), "{took:?}");
+    assert!(alive(hung), "one silence is not enough to replace a master");
+
+    // Still silent a grace period later: the next command replaces it with a new master.
+    std::thread::sleep(Duration::from_secs(5));
+    let start = Instant::now();
+    let out = m.exec_sh("a", "echo replaced");
+    let took = start.elapsed();
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "replaced\n");
+    assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
+    assert!(took < Duration::from_secs(12), "{took:?}");
+    wait_until(LIMIT, "the hung master is gone", || !alive(hung));
+    let now = m.list();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0].1, hung);
+    let before = m.connections();
+    m.exec_sh("a", "true").assert_ok();
+    assert_eq!(m.connections(), before, "the new master is reused");
 }
 
 #[test]
@@ -541,6 +558,127 @@ fn an_auth_failure_through_a_master_is_one_clear_error() {
     assert!(out.stderr.contains("permission denied"), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     wait_until(LIMIT, "the failed master exits", || m.list().is_empty());
+}
+
+#[test]
+fn the_masters_keepalives_hold_it_through_an_idle_cut_and_notice_a_stalled_link() {
+    // Quiet for 3 s between two commands, behind an edge that cuts after 1.5 s idle: the
+    // master's keepalives keep its connection, and the second command reuses it.
+    let m = Masters::start(TestBed::builder().vm("a").idle_timeout(1.5).start());
+    let exec = |vm: &str, secs: &str, line: &str| {
+        let mut cmd = m.vtun();
+        cmd.env("VTUN_KEEPALIVE_SECS", secs)
+            .args(["exec", vm, "--sh", "--", line]);
+        run_with_timeout(&mut cmd, LIMIT)
+    };
+    exec("a", "0.5", "true").assert_ok();
+    let pid = m.list()[0].1;
+    std::thread::sleep(Duration::from_secs(3));
+    let out = exec("a", "0.5", "echo held");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "held\n");
+    assert_eq!(m.connections(), 1, "{}", m.bed.gateway_log());
+    assert_eq!(m.list()[0].1, pid);
+    drop(m);
+
+    // The link stalls (no bytes either way, sockets open, no edge timeout): the master
+    // notices after its missed keepalives and exits; the next command works.
+    let m = Masters::start(TestBed::builder().vm("a").fault("a").start());
+    let exec = |line: &str| {
+        let mut cmd = m.vtun();
+        cmd.env("VTUN_KEEPALIVE_SECS", "0.3")
+            .args(["exec", "a-fault", "--sh", "--", line]);
+        run_with_timeout(&mut cmd, LIMIT)
+    };
+    exec("true").assert_ok();
+    let pid = m.list()[0].1;
+    m.bed.fault("a").arm(Fault::StallAfter(0));
+    let start = Instant::now();
+    wait_until(Duration::from_secs(15), "the stalled master exits", || {
+        !alive(pid)
+    });
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "not before keepalives were missed: {:?}",
+        start.elapsed()
+    );
+    m.bed.fault("a").release();
+    let out = exec("echo again");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "again\n");
+    let now = m.list();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0].1, pid);
+}
+
+#[test]
+fn an_encrypted_key_without_an_agent_is_asked_for_and_starts_no_master_again() {
+    let m = Masters::start(TestBed::builder().vm("a").start());
+    let dir = m.bed.dir("locked");
+    let locked = dir.join("locked_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "open sesame", "-f"])
+        .arg(&locked)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = read(&dir.join("locked_key.pub"));
+    let authorized = m.bed.vm("a").dir.join("authorized_keys");
+    let keys = read(&authorized) + &public;
+    std::fs::write(&authorized, keys).unwrap();
+
+    // Two commands at a terminal, no agent: a master cannot ask for the passphrase, so each
+    // command asks and connects itself; only the first tries a master.
+    let script = dir.join("run.sh");
+    let vtun = vtun_bin();
+    std::fs::write(
+        &script,
+        format!(
+            "{v} exec a -- echo ONE-$((6*7)); {v} exec a -- echo TWO-$((6*7)); echo STATUS-$?; sleep 60\n",
+            v = vtun.display()
+        ),
+    )
+    .unwrap();
+    let tmux = Tmux {
+        sock: dir.join("sock"),
+    };
+    let mut start = m.bed.command("tmux");
+    start
+        .arg("-S")
+        .arg(&tmux.sock)
+        .args(["-f", "/dev/null", "new-session", "-d", "-s", "t"])
+        .arg(format!("sh {}", script.display()))
+        .env("TERM", "xterm-256color")
+        .env("VTUN_IDENTITY", &locked)
+        .env("VTUN_PERSIST", "30")
+        .env("XDG_RUNTIME_DIR", &m.runtime);
+    assert!(start.status().unwrap().success());
+    tmux.wait_for("Enter passphrase for key");
+    tmux.run(&["send-keys", "-t", "t", "open sesame", "Enter"]);
+    tmux.wait_for("ONE-42");
+    wait_until(LIMIT, "the second command asks too", || {
+        let screen = tmux.run(&["capture-pane", "-p", "-t", "t"]);
+        screen.matches("Enter passphrase").count() == 2
+    });
+    tmux.run(&["send-keys", "-t", "t", "open sesame", "Enter"]);
+    let screen = tmux.wait_for("STATUS-");
+    assert!(screen.contains("TWO-42"), "{screen}");
+    assert!(screen.contains("STATUS-0"), "{screen}");
+
+    let logs: String = std::fs::read_dir(m.socket_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| read(&e.path()))
+        .collect();
+    assert_eq!(
+        logs.matches("master listening").count(),
+        1,
+        "one master tried, not one per command: {logs}"
+    );
+    // The master's failed attempt, then one direct connection per command.
+    assert_eq!(m.connections(), 3, "{}", m.bed.gateway_log());
+    assert!(m.list().is_empty());
 }
 
 /// A tmux session playing the user at a terminal.

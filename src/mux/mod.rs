@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod master;
+mod memo;
 pub mod proto;
 pub mod socket;
 
@@ -121,13 +122,37 @@ impl MuxConnector {
                 + Duration::from_secs(10),
         };
         let must_start = match probe(&path).await {
-            Probe::Up(info) if info.connections > 0 => return Ok(Some(link)),
+            Probe::Up(info) if info.connections > 0 => {
+                memo::answered(&path);
+                return Ok(Some(link));
+            }
             Probe::Up(_) => false,
             Probe::Absent | Probe::Stale if self.reuse_only => return Ok(None),
             Probe::Absent => true,
             Probe::Stale => {
                 tracing::debug!("removing the stale master socket {}", path.display());
                 let _ = std::fs::remove_file(&path);
+                true
+            }
+            Probe::Hung(pid) => {
+                let replace = match pid {
+                    Some(pid) if !self.reuse_only => {
+                        memo::strike(&path, pid) == memo::Hung::Replace
+                    }
+                    _ => false,
+                };
+                if !replace || !memo::kill_hung(&path, pid.unwrap_or(0)).await {
+                    tracing::debug!(
+                        "master at {} does not answer (pid {pid:?}); connecting directly",
+                        path.display()
+                    );
+                    return Ok(None);
+                }
+                tracing::debug!(
+                    "replaced the master at {} (pid {pid:?}), silent for {}s or more",
+                    path.display(),
+                    memo::HUNG_GRACE.as_secs()
+                );
                 true
             }
             Probe::Unusable(why) => {
@@ -143,6 +168,14 @@ impl MuxConnector {
         let log = master::socket_log(&path);
         let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         if must_start {
+            if memo::auth_would_fail(&path).await {
+                tracing::debug!(
+                    "a master for {} could not authenticate less than {}s ago; connecting directly",
+                    host.name,
+                    memo::NOAUTH_FOR.as_secs()
+                );
+                return Ok(None);
+            }
             if let Err(e) = start(&self.settings, host, &path).await {
                 tracing::debug!("no connection master ({e:#}); connecting directly");
                 return Ok(None);
@@ -171,6 +204,7 @@ impl MuxConnector {
             Ok(Reply::Info(_)) => Ok(Some(link)),
             Ok(Reply::Failed(f)) if f.auth => {
                 // A master has no terminal: an encrypted key's passphrase is asked for here.
+                memo::auth_failed(&path).await;
                 tracing::debug!(
                     "the master could not authenticate ({}); connecting directly",
                     f.message
@@ -235,6 +269,8 @@ pub enum Probe {
     Absent,
     /// A socket nobody listens on (the master died).
     Stale,
+    /// Our own user's master (this pid, when known) accepted but did not answer in time.
+    Hung(Option<u32>),
     /// Something that does not answer as a master of ours should.
     Unusable(String),
 }
@@ -246,27 +282,27 @@ pub async fn probe(path: &Path) -> Probe {
 
 /// Connect and ask, all within `limit`.
 async fn probe_with(path: &Path, req: Request, limit: Duration) -> Probe {
-    match tokio::time::timeout(limit, probe_unbounded(path, req, limit)).await {
-        Ok(p) => p,
-        Err(_) => Probe::Unusable(format!("no answer within {limit:?}")),
-    }
-}
-
-async fn probe_unbounded(path: &Path, req: Request, limit: Duration) -> Probe {
-    let stream = match UnixStream::connect(path).await {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Absent,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Stale,
-        Err(e) => return Probe::Unusable(e.to_string()),
-        Ok(s) => s,
+    let deadline = tokio::time::Instant::now() + limit;
+    let connect = tokio::time::timeout_at(deadline, UnixStream::connect(path));
+    let stream = match connect.await {
+        Err(_) => return Probe::Hung(None),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Absent,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Stale,
+        Ok(Err(e)) => return Probe::Unusable(e.to_string()),
+        Ok(Ok(s)) => s,
     };
-    match socket::peer_uid(&stream) {
-        Ok(uid) if uid == socket::euid() => {}
-        Ok(uid) => return Probe::Unusable(format!("served by uid {uid}")),
-        Err(e) => return Probe::Unusable(format!("{e:#}")),
-    }
-    match client::ask(stream, req, limit).await {
-        Ok(info) => Probe::Up(info),
-        Err(e) => Probe::Unusable(format!("{e:#}")),
+    let pid = match stream.peer_cred() {
+        Ok(c) if c.uid() == socket::euid() => c.pid().and_then(|p| u32::try_from(p).ok()),
+        Ok(c) => return Probe::Unusable(format!("served by uid {}", c.uid())),
+        Err(e) => return Probe::Unusable(format!("cannot read the peer's credentials: {e}")),
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // The outer bound is the one that fires: silence is `Hung`, anything else `Unusable`.
+    let ask = client::ask(stream, req, left + Duration::from_secs(1));
+    match tokio::time::timeout(left, ask).await {
+        Ok(Ok(info)) => Probe::Up(info),
+        Ok(Err(e)) => Probe::Unusable(format!("{e:#}")),
+        Err(_) => Probe::Hung(pid),
     }
 }
 
@@ -404,6 +440,7 @@ pub async fn list() -> Vec<(PathBuf, Info)> {
                 let _ = std::fs::remove_file(&p);
             }
             Probe::Absent => {}
+            Probe::Hung(pid) => tracing::debug!("{}: pid {pid:?} does not answer", p.display()),
             Probe::Unusable(why) => tracing::debug!("{}: {why}", p.display()),
         }
     }
