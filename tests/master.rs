@@ -544,6 +544,22 @@ fn when_sshd_refuses_more_channels_the_master_opens_another_connection() {
     out.assert_ok();
     assert!(out.stderr.is_empty(), "quiet: {}", out.stderr);
     assert_eq!(hash_file(&remote), hash_file(&src));
+
+    // Once no channel has been open for a while, only the first connection is kept.
+    let start = Instant::now();
+    wait_until(Duration::from_secs(25), "extra connections closed", || {
+        m.list().first().is_some_and(|x| x.3 == 1)
+    });
+    assert!(
+        start.elapsed() >= Duration::from_secs(5),
+        "not at once: {:?}",
+        start.elapsed()
+    );
+    let before = m.connections();
+    let out = m.exec_sh("a", "echo still");
+    out.assert_ok();
+    assert_eq!(out.stdout_str(), "still\n");
+    assert_eq!(m.connections(), before, "the kept connection serves it");
 }
 
 #[test]

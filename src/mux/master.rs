@@ -36,6 +36,8 @@ use crate::target::Host;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards one client.
 const OUT_QUEUE: usize = 16;
+/// How long extra connections (see [`State::shed_extra`]) are kept without any channel.
+const EXTRA_IDLE: Duration = Duration::from_secs(10);
 
 /// Whether `serve` ran, or found another master already holding the identity.
 pub enum Served {
@@ -144,6 +146,10 @@ pub async fn serve(settings: Settings, host: Host, path: &Path) -> Result<Served
                 if let Some(why) = state.reason_to_exit() {
                     break why;
                 }
+                for s in state.shed_extra() {
+                    tracing::info!("closing an extra connection to {}: no channels", state.host.name);
+                    tokio::spawn(async move { s.close().await });
+                }
                 let busy = state.channels.load(Ordering::SeqCst) > 0;
                 if busy {
                     trimmed = false;
@@ -192,6 +198,20 @@ impl State {
         let idle = self.channels.load(Ordering::SeqCst) == 0
             && self.idle_since().elapsed() >= self.settings.persist;
         idle.then_some("idle")
+    }
+
+    /// The connections beyond the first (opened when sshd refused more channels), once no
+    /// channel has been open for [`EXTRA_IDLE`]: a burst of commands leaves one connection
+    /// held, not one per ten channels. A channel is counted before its open takes the pool,
+    /// and the count is read under the pool's lock, so no open can be under way on what this
+    /// returns.
+    fn shed_extra(&self) -> Vec<Arc<Session>> {
+        let quiet = self.idle_since().elapsed() >= EXTRA_IDLE;
+        let mut pool = self.pool();
+        if !quiet || pool.len() < 2 || self.channels.load(Ordering::SeqCst) > 0 {
+            return Vec::new();
+        }
+        pool.drain(1..).collect()
     }
 
     /// Connected once, and that first connection is gone.
